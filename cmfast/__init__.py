@@ -1,0 +1,32 @@
+"""cmfast: a fast engine for consistency models (Song, Dhariwal, Chen, Sutskever, ICML 2023)."""
+
+from .checkpoint import CheckpointError, load, load_official_checkpoint, save
+from .networks import PRESETS, build_network
+from .preconditioning import ConsistencyModel, EDMDenoiser
+from .sampling import (
+    generators_from_seeds,
+    heun_sample,
+    karras_sigmas,
+    multistep_sigmas,
+    sample,
+    sigmas_from_ts,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ConsistencyModel",
+    "EDMDenoiser",
+    "build_network",
+    "generators_from_seeds",
+    "heun_sample",
+    "karras_sigmas",
+    "load",
+    "load_official_checkpoint",
+    "multistep_sigmas",
+    "sample",
+    "save",
+    "sigmas_from_ts",
+]

@@ -1,0 +1,188 @@
+"""Checkpoints: the project's own format, and the official consistency-model releases.
+
+Own format: one safetensors file. The tensors are the backbone's state dict; the header's metadata holds a JSON
+document with the network config and the preconditioning (kind, sigma_min, sigma_max, sigma_data, noise_cond).
+Nothing is unpickled. Official releases (openai/consistency_models: edm_*, cd_*, ct_* .pt files) are plain state
+dicts read with torch.load(weights_only=True).
+
+Every failure is a `CheckpointError` whose one-line message names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from .io import atomic_write_bytes
+from .networks import PRESETS, ADMConfig, adm_config_from_state_dict, build_network, config_from_dict, config_to_dict
+from .preconditioning import MODEL_KINDS, ConsistencyModel, EDMDenoiser
+
+FORMAT_NAME = "cmfast"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike) -> None:
+    """Write `model` (backbone weights + config + preconditioning) to a .safetensors file, atomically."""
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": model.kind,
+        "network": config_to_dict(model.net.config),
+        "sigma_min": model.sigma_min,
+        "sigma_max": model.sigma_max,
+        "sigma_data": model.sigma_data,
+        "noise_cond": model.noise_cond,
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={FORMAT_NAME: json.dumps(meta)}))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of an own-format checkpoint (cheap: reads the header only)."""
+    _require_file(path)
+    try:
+        with safe_open(os.fspath(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(FORMAT_NAME)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or foreign?): {_first_line(err)}")
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file without cmfast metadata; not a cmfast checkpoint")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt cmfast metadata: {err}")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported cmfast format/version {meta.get('format')}/{meta.get('version')}")
+    return meta
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
+    """Load an own-format checkpoint written by `save` / `model.save`."""
+    meta = read_metadata(path)
+    try:
+        config = config_from_dict(meta["network"])
+        kind = MODEL_KINDS[meta["kind"]]
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: bad network description in metadata: {_first_line(err)}")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot read tensors (truncated file?): {_first_line(err)}")
+    net = _network_with_weights(path, config, state)
+    return kind(
+        net,
+        sigma_min=meta["sigma_min"],
+        sigma_max=meta["sigma_max"],
+        sigma_data=meta["sigma_data"],
+        noise_cond=meta["noise_cond"],
+    ).to(device)
+
+
+def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read an official .pt state dict without unpickling arbitrary objects."""
+    _require_file(path)
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated zips, bad magic and refused globals
+        raise CheckpointError(f"{path}: cannot read as a PyTorch state dict (truncated or foreign?): {_first_line(err)}")
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def load_official_checkpoint(
+    path: str | os.PathLike,
+    arch: str | ADMConfig | None = None,
+    kind: str | None = None,
+    device: str | torch.device = "cpu",
+) -> ConsistencyModel | EDMDenoiser:
+    """Load a released openai/consistency_models checkpoint around the matching ADM.
+
+    arch: a preset name ("adm-imagenet64", "adm-lsun256"), an ADMConfig, or None to infer it from the state dict.
+    kind: "cm" (ConsistencyModel, for cd_* and ct_* files) or "edm" (EDMDenoiser, for edm_* teachers); None guesses
+    from the file name. The official preconditioning is used: sigma in [0.002, 80], sigma_data 0.5, 250 ln(sigma).
+    """
+    state = read_official_state_dict(path)
+    if arch is None:
+        try:
+            config = adm_config_from_state_dict(state)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {_first_line(err)}")
+    elif isinstance(arch, str):
+        config = PRESETS.get(arch)
+        if not isinstance(config, ADMConfig):
+            adm = [name for name, cfg in PRESETS.items() if isinstance(cfg, ADMConfig)]
+            raise CheckpointError(f"{path}: arch {arch!r} is not an ADM preset; choose one of {', '.join(adm)}")
+    else:
+        config = arch
+    kind = kind or ("edm" if os.path.basename(os.fspath(path)).lower().startswith("edm") else "cm")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: kind must be 'cm' or 'edm', got {kind!r}")
+    net = _network_with_weights(path, config, state)
+    return MODEL_KINDS[kind](net, noise_cond="adm").to(device)
+
+
+def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Module:
+    """Build the backbone without initialising it (meta device) and adopt the file's tensors as float32 weights."""
+    with torch.device("meta"):
+        net = build_network(config)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_some(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_some(unexpected)})")
+        raise CheckpointError(f"{path}: weights do not fit the network: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{path}: weights do not fit the network: {k} has shape {tuple(state[k].shape)}, "
+                f"the network expects {tuple(v.shape)}"
+            )
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    leftover = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if leftover:  # buffers that are not saved in state dicts: rebuild normally and load into that instead
+        net = build_network(config)
+        net.load_state_dict(state)
+    return net
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
+    """What the CLI's --model takes: a preset name (random weights), a .safetensors file or an official .pt file."""
+    if spec in PRESETS:
+        return ConsistencyModel(build_network(spec)).to(device)
+    if not os.path.exists(spec):
+        raise CheckpointError(f"{spec}: neither a network preset ({', '.join(PRESETS)}) nor an existing file")
+    with open(spec, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle stream
+        return load_official_checkpoint(spec, device=device)
+    return load(spec, device=device)
+
+
+def _require_file(path) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

@@ -1,0 +1,218 @@
+"""The `cmfast` command line: sample, info, demo. Errors in the user's input end in one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_model, read_metadata
+from .generate import Generated, generate, image_shape
+from .io import image_grid, save_npz, save_png
+from .networks import PRESETS, config_to_dict
+from .preconditioning import EDMDenoiser, num_parameters
+from .sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a network preset (random weights, for smoke tests: " + ", ".join(PRESETS) + "), "
+        "a cmfast .safetensors checkpoint, or an official openai/consistency_models .pt file",
+    )
+    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="backbone precision via autocast; the preconditioning stays fp32"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmfast",
+        description="cmfast: one- and few-step generation with consistency models (Song et al., ICML 2023).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "sample",
+        help="generate images into a PNG grid and a uint8 .npz",
+        description="Generate images. A consistency model runs Algorithm 1 (one step by default, or several with "
+        "--steps/--sigmas/--ts); an EDM teacher checkpoint runs EDM's Heun sampler (--steps Heun steps, default 18 "
+        "= 35 network evaluations). Image i uses seed SEED+i, so results do not depend on --batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(p)
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--steps", type=int, help="number of network evaluations, on the Karras grid of STEPS+1 points (CM: default 1)"
+    )
+    when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,0.661")
+    when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
+    p.add_argument("--grid", type=int, default=40, help="grid size that --ts indexes (the official 'steps')")
+    p.add_argument("--num", type=int, help="number of images (default: --batch)")
+    p.add_argument("--batch", type=int, default=16, help="images per network call")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
+    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
+    p.add_argument("--out", default="out", help="output directory for samples.png and samples.npz")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p = sub.add_parser(
+        "info",
+        help="print a checkpoint's architecture, parameter count and config",
+        description="Print what a checkpoint (or preset) holds: kind, architecture, parameters, preconditioning.",
+    )
+    p.add_argument("checkpoint", help="a cmfast .safetensors file, an official .pt file, or a preset name")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser(
+        "demo",
+        help="the quick-start job: one- and two-step sampling from a small preset on CPU",
+        description="Sample a batch with one and two steps from a small network preset, write PNG grids and print a "
+        "table of steps, evaluations and time. The preset's weights are random (untrained) until a trained "
+        "digits model ships, so the images show the pipeline, not quality.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="ddpmpp-tiny", help="preset or checkpoint to sample from")
+    p.add_argument("--num", type=int, default=16, help="images per setting")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i; weights use SEED too")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="demo", help="output directory")
+    return parser
+
+
+def _resolve_sigmas(args, model) -> list[float]:
+    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    if args.sigmas is not None:
+        return args.sigmas
+    if args.ts is not None:
+        return sigmas_from_ts(args.ts, args.grid, **kw).tolist()
+    return multistep_sigmas(args.steps or 1, **kw).tolist()
+
+
+def _write_outputs(out: str, stem: str, result: Generated, extra: dict) -> tuple[str, str]:
+    grid = image_grid(result.images)
+    scale = max(1, 128 // result.images.shape[1])  # small images are enlarged so the PNG is readable
+    png, npz = os.path.join(out, f"{stem}.png"), os.path.join(out, f"{stem}.npz")
+    save_png(png, grid, scale=scale)
+    arrays = {"images": result.images, **extra}
+    if result.labels is not None:
+        arrays["labels"] = result.labels
+    save_npz(npz, **arrays)
+    return png, npz
+
+
+def cmd_sample(args) -> None:
+    model = load_model(args.model, device=args.device).eval()
+    model.autocast_dtype = DTYPES[args.dtype]
+    num = args.num or args.batch
+    if isinstance(model, EDMDenoiser):
+        if args.sigmas is not None or args.ts is not None:
+            raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
+        steps = args.steps or 18
+        result = generate(model, num, args.batch, args.seed, heun_steps=steps, class_label=args.class_label,
+                          progress=not args.no_progress)
+        evals, extra = heun_evaluations(steps), {"heun_steps": np.array(steps)}
+    else:
+        sigmas = _resolve_sigmas(args, model)
+        result = generate(model, num, args.batch, args.seed, sigmas=sigmas, class_label=args.class_label,
+                          progress=not args.no_progress)
+        evals, extra = num_evaluations(sigmas, model.sigma_min), {"sigmas": np.array(sigmas)}
+    extra["seeds"] = np.arange(args.seed, args.seed + num)
+    png, npz = _write_outputs(args.out, "samples", result, extra)
+    print(
+        f"wrote {png} and {npz}: {num} images, {evals} evaluations each, "
+        f"{result.seconds:.2f} s ({num / result.seconds:.1f} images/s on {args.device}, {args.dtype})"
+    )
+
+
+def cmd_info(args) -> None:
+    model = load_model(args.checkpoint)
+    info = {
+        "file": args.checkpoint,
+        "kind": "consistency model" if model.kind == "cm" else "EDM denoiser (teacher)",
+        "parameters": num_parameters(model.net),
+        "image_shape": list(image_shape(model)),
+        "preconditioning": {
+            "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max,
+            "sigma_data": model.sigma_data,
+            "noise_cond": model.noise_cond,
+        },
+        "network": config_to_dict(model.net.config),
+    }
+    if args.checkpoint in PRESETS:
+        info["note"] = "a preset: random weights"
+    elif args.checkpoint.endswith(".safetensors"):
+        info["format"] = f"cmfast safetensors v{read_metadata(args.checkpoint)['version']}"
+    else:
+        info["format"] = "official PyTorch state dict (.pt)"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    net = info.pop("network")
+    for key, value in info.items():
+        print(f"{key:>16}: {value}")
+    print(f"{'network':>16}: {net.pop('arch')}")
+    for key, value in net.items():
+        print(f"{'':>18}{key} = {value}")
+
+
+def cmd_demo(args) -> None:
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device=args.device).eval()
+    print(f"model: {args.model} ({num_parameters(model.net) / 1e6:.2f}M parameters, {args.device})")
+    if args.model in PRESETS:
+        print("note: a preset has random (untrained) weights: the images show the pipeline, not sample quality")
+    rows = []
+    for steps in (1, 2):
+        sigmas = multistep_sigmas(steps, model.sigma_min, model.sigma_max).tolist()
+        generate(model, 1, 1, args.seed, sigmas=sigmas, progress=False)  # warm-up, not timed
+        result = generate(model, args.num, args.num, args.seed, sigmas=sigmas, progress=False)
+        png, _ = _write_outputs(args.out, f"{steps}step", result, {"sigmas": np.array(sigmas)})
+        rows.append((steps, num_evaluations(sigmas, model.sigma_min), sigmas, result.seconds, png))
+    print(f"\n{'steps':>5} {'evals':>5} {'time points':>22} {'seconds':>8} {'images/s':>9}  output")
+    for steps, evals, sigmas, seconds, png in rows:
+        points = ",".join(f"{s:.3g}" for s in sigmas)
+        print(f"{steps:>5} {evals:>5} {points:>22} {seconds:>8.3f} {args.num / seconds:>9.1f}  {png}")
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"cmfast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Backbone networks F of the EDM / consistency-model parameterizations, and `build_network`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adm import ADMUNet, adm_config_from_state_dict
+from .configs import (
+    PRESETS,
+    ADMConfig,
+    NetworkConfig,
+    SongUNetConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from .song_unet import SongUNet
+
+NETWORK_CLASSES: dict[type, type[nn.Module]] = {SongUNetConfig: SongUNet, ADMConfig: ADMUNet}
+
+
+def resolve_config(name_or_config: str | NetworkConfig) -> NetworkConfig:
+    """A preset name or a config -> the config; unknown names list the presets."""
+    if isinstance(name_or_config, str):
+        if name_or_config not in PRESETS:
+            raise ValueError(f"unknown network preset {name_or_config!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name_or_config]
+    if type(name_or_config) not in NETWORK_CLASSES:
+        raise TypeError(f"expected a preset name or a network config, got {type(name_or_config).__name__}")
+    return name_or_config
+
+
+def build_network(name_or_config: str | NetworkConfig) -> nn.Module:
+    """Build the backbone for a preset name (see `PRESETS`) or a config dataclass, at its initial weights."""
+    config = resolve_config(name_or_config)
+    return NETWORK_CLASSES[type(config)](config)
+
+
+__all__ = [
+    "PRESETS",
+    "ADMConfig",
+    "ADMUNet",
+    "NetworkConfig",
+    "SongUNet",
+    "SongUNetConfig",
+    "adm_config_from_state_dict",
+    "build_network",
+    "config_from_dict",
+    "config_to_dict",
+    "resolve_config",
+]
