@@ -95,7 +95,9 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated zips, bad magic and refused globals
-        raise CheckpointError(f"{path}: cannot read as a PyTorch state dict (truncated or foreign?): {_first_line(err)}")
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch state dict (truncated or foreign?): {_first_line(err)}"
+        )
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors)")
     return dict(state)
@@ -106,19 +108,24 @@ def load_official_checkpoint(
     arch: str | ADMConfig | None = None,
     kind: str | None = None,
     device: str | torch.device = "cpu",
+    image_size: int | None = None,
 ) -> ConsistencyModel | EDMDenoiser:
     """Load a released openai/consistency_models checkpoint around the matching ADM.
 
-    arch: a preset name ("adm-imagenet64", "adm-lsun256"), an ADMConfig, or None to infer it from the state dict.
+    arch: a preset name ("adm-imagenet64", "adm-lsun256"), an ADMConfig, or None: then the ADM preset whose
+    parameter shapes the file fits, else a config inferred from the state dict (image_size helps when the
+    attention layout does not determine it).
     kind: "cm" (ConsistencyModel, for cd_* and ct_* files) or "edm" (EDMDenoiser, for edm_* teachers); None guesses
     from the file name. The official preconditioning is used: sigma in [0.002, 80], sigma_data 0.5, 250 ln(sigma).
     """
     state = read_official_state_dict(path)
     if arch is None:
-        try:
-            config = adm_config_from_state_dict(state)
-        except ValueError as err:
-            raise CheckpointError(f"{path}: {_first_line(err)}")
+        config = _matching_adm_preset(state)
+        if config is None:
+            try:
+                config = adm_config_from_state_dict(state, image_size=image_size)
+            except ValueError as err:
+                raise CheckpointError(f"{path}: {_first_line(err)}")
     elif isinstance(arch, str):
         config = PRESETS.get(arch)
         if not isinstance(config, ADMConfig):
@@ -133,10 +140,25 @@ def load_official_checkpoint(
     return MODEL_KINDS[kind](net, noise_cond="adm").to(device)
 
 
+def _matching_adm_preset(state: Mapping[str, Tensor]) -> ADMConfig | None:
+    """The first ADM preset whose state-dict keys and shapes equal the file's, if any."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for config in PRESETS.values():
+        if isinstance(config, ADMConfig):
+            with torch.device("meta"):
+                expected = build_network(config).state_dict()
+            if shapes == {k: tuple(v.shape) for k, v in expected.items()}:
+                return config
+    return None
+
+
 def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Module:
     """Build the backbone without initialising it (meta device) and adopt the file's tensors as float32 weights."""
-    with torch.device("meta"):
-        net = build_network(config)
+    try:
+        with torch.device("meta"):
+            net = build_network(config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot build the network it describes: {_first_line(err)}")
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -47,7 +47,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=_default_device(), help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
-        "--dtype", choices=DTYPES, default="fp32", help="backbone precision via autocast; the preconditioning stays fp32"
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="backbone precision via autocast; the preconditioning stays fp32",
     )
 
 
@@ -134,13 +137,27 @@ def cmd_sample(args) -> None:
         if args.sigmas is not None or args.ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
         steps = args.steps or 18
-        result = generate(model, num, args.batch, args.seed, heun_steps=steps, class_label=args.class_label,
-                          progress=not args.no_progress)
+        result = generate(
+            model,
+            num,
+            args.batch,
+            args.seed,
+            heun_steps=steps,
+            class_label=args.class_label,
+            progress=not args.no_progress,
+        )
         evals, extra = heun_evaluations(steps), {"heun_steps": np.array(steps)}
     else:
         sigmas = _resolve_sigmas(args, model)
-        result = generate(model, num, args.batch, args.seed, sigmas=sigmas, class_label=args.class_label,
-                          progress=not args.no_progress)
+        result = generate(
+            model,
+            num,
+            args.batch,
+            args.seed,
+            sigmas=sigmas,
+            class_label=args.class_label,
+            progress=not args.no_progress,
+        )
         evals, extra = num_evaluations(sigmas, model.sigma_min), {"sigmas": np.array(sigmas)}
     extra["seeds"] = np.arange(args.seed, args.seed + num)
     png, npz = _write_outputs(args.out, "samples", result, extra)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
-from .sampling import generators_from_seeds, heun_sample, randint, randn, sample
+from .sampling import check_sigmas, generators_from_seeds, heun_sample, randint, randn, sample
 
 
 @dataclass
@@ -52,8 +52,10 @@ def generate(
     if num < 1 or batch < 1:
         raise ValueError(f"--num and --batch must be positive, got num={num}, batch={batch}")
     is_teacher = isinstance(model, EDMDenoiser)
-    if not is_teacher and sigmas is None:
-        raise ValueError("a consistency model needs its time points (sigmas)")
+    if not is_teacher:
+        if sigmas is None:
+            raise ValueError("a consistency model needs its time points (sigmas)")
+        sigmas = check_sigmas(sigmas)  # fail before the progress bar starts
     n_classes = num_classes(model)
     if class_label is not None and n_classes == 0:
         raise ValueError("this model is unconditional; drop --class-label")

@@ -33,7 +33,7 @@ def cm_c_skip(sigma: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
 
 
 def cm_c_out(sigma: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
-    """Consistency-model output scaling (Appendix C): sigma_data (sigma - eps) / sqrt(sigma_data^2 + sigma^2); 0 at eps."""
+    """Consistency-model output scaling (App. C): sigma_data (sigma - eps) / sqrt(sigma_data^2 + sigma^2); 0 at eps."""
     return sigma_data * (sigma - sigma_min) / (sigma**2 + sigma_data**2).sqrt()
 
 
@@ -99,7 +99,9 @@ class _Preconditioned(nn.Module):
         net_dtype = next(self.net.parameters()).dtype
         x_in = (c_in(s, self.sigma_data) * x).to(net_dtype)
         autocast = (
-            torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
+            torch.autocast(x.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
         )
         with autocast:
             F_x = self.net(x_in, c_noise(sigma, self.noise_cond).to(net_dtype), class_labels=class_labels)
@@ -142,4 +144,3 @@ MODEL_KINDS: dict[str, type[_Preconditioned]] = {"cm": ConsistencyModel, "edm": 
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

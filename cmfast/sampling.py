@@ -19,7 +19,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
-# --- noise grids (REFERENCE.md section 1) ------------------------------------------------------------------------------
+# --- noise grids (REFERENCE.md section 1) ----------------------------------------------------------------------------
 
 
 def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
@@ -101,7 +101,7 @@ def randint(high: int, n: int, generator: Generators = None, device=None) -> Ten
 # --- samplers --------------------------------------------------------------------------------------------------------
 
 
-def _check_sigmas(sigmas: Sequence[float] | Tensor) -> list[float]:
+def check_sigmas(sigmas: Sequence[float] | Tensor) -> list[float]:
     sigmas = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
     if not sigmas:
         raise ValueError("sigmas is empty")
@@ -129,7 +129,7 @@ def sample(
     Between evaluations, fresh noise of std sqrt(tau^2 - sigma_min^2) is drawn from `generator`. Outputs are clamped
     to [-1, 1] as the official sampler does. sigma_min defaults to f.sigma_min (0.002 for plain callables).
     """
-    sigmas = _check_sigmas(sigmas)
+    sigmas = check_sigmas(sigmas)
     eps = float(sigma_min if sigma_min is not None else getattr(f, "sigma_min", SIGMA_MIN))
     if len(sigmas) > 1 and math.isclose(sigmas[-1], eps):
         sigmas = sigmas[:-1]

@@ -1,0 +1,158 @@
+"""The own safetensors format and official .pt loading: round trips, and one-line errors for bad files."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import perturb_
+from safetensors.torch import load_file, save_file
+
+import cmfast
+from cmfast.checkpoint import CheckpointError, load_model, read_official_state_dict
+from cmfast.networks import ADMUNet, build_network
+from cmfast.preconditioning import ConsistencyModel, EDMDenoiser
+
+
+def model_for(preset, cls=ConsistencyModel, seed=0):
+    torch.manual_seed(seed)
+    return cls(perturb_(build_network(preset), seed=seed)).eval()
+
+
+def inputs(model, batch=2, seed=1):
+    cfg = model.net.config
+    size = getattr(cfg, "img_resolution", None) or cfg.image_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    n = getattr(cfg, "num_classes", 0) or getattr(cfg, "label_dim", 0)
+    y = torch.randint(n, (batch,), generator=g) if n else None
+    return x, y
+
+
+@pytest.mark.parametrize("preset, cls", [("ddpmpp-tiny", ConsistencyModel), ("adm-tiny", EDMDenoiser)])
+def test_own_format_round_trip(tmp_path, preset, cls):
+    model = model_for(preset, cls)
+    model.sigma_max = 40.0  # a non-default value must survive too
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary file left behind
+    loaded = cmfast.load(path)
+    assert type(loaded) is cls and loaded.net.config == model.net.config and loaded.sigma_max == 40.0
+    x, y = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 0.8, y), model(x, 0.8, y), rtol=0, atol=0)
+
+
+def test_save_replaces_atomically(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model_for("ddpmpp-tiny", seed=0).save(path)
+    second = model_for("ddpmpp-tiny", seed=1)
+    second.save(path)
+    loaded = cmfast.load(path)
+    for a, b in zip(loaded.net.parameters(), second.net.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: no such file"):
+        cmfast.load(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model_for("ddpmpp-tiny").save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="m.safetensors") as err:
+        cmfast.load(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"hello, world\n" * 10, os.urandom(256), b""])
+def test_foreign_file(tmp_path, content):
+    path = tmp_path / "foreign.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="foreign.safetensors"):
+        cmfast.load(path)
+
+
+def test_safetensors_without_cmfast_metadata(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(CheckpointError, match="without cmfast metadata"):
+        cmfast.load(path)
+
+
+@pytest.mark.parametrize(
+    "network, match", [({"model_channels": 64}, "do not fit the network"), ({"model_channels": 48}, "cannot build")]
+)
+def test_weights_that_do_not_fit_the_config(tmp_path, network, match):
+    path = tmp_path / "m.safetensors"
+    model_for("adm-tiny").save(path)
+    meta = cmfast.checkpoint.read_metadata(path)
+    meta["network"].update(network)
+    save_file(load_file(str(path)), str(path), metadata={"cmfast": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=match):
+        cmfast.load(path)
+
+
+class Payload:
+    """An arbitrary object that a weights-only load must refuse to unpickle."""
+
+
+def official_state_dict(preset="adm-tiny", seed=0):
+    torch.manual_seed(seed)
+    return perturb_(build_network(preset), seed=seed).state_dict()
+
+
+@pytest.mark.parametrize("name, cls", [("cd_tiny_lpips.pt", ConsistencyModel), ("edm_tiny_ema.pt", EDMDenoiser)])
+def test_official_checkpoint_loads_and_matches(tmp_path, name, cls):
+    state = official_state_dict()
+    path = tmp_path / name
+    torch.save(state, path)
+    model = cmfast.load_official_checkpoint(path)
+    assert type(model) is cls and model.noise_cond == "adm"
+    assert model.net.config == cmfast.PRESETS["adm-tiny"]
+    ref_net = ADMUNet(cmfast.PRESETS["adm-tiny"])
+    ref_net.load_state_dict(state, strict=True)
+    ref = cls(ref_net, noise_cond="adm")
+    x, y = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 3.0, y), ref(x, 3.0, y), rtol=0, atol=0)
+    assert type(load_model(str(path))) is cls  # the CLI's loader sniffs the format
+
+
+def test_official_checkpoint_with_explicit_arch(tmp_path):
+    path = tmp_path / "ct.pt"
+    torch.save(official_state_dict(), path)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        cmfast.load_official_checkpoint(path, arch="adm-tiny32")
+    with pytest.raises(CheckpointError, match="not an ADM preset"):
+        cmfast.load_official_checkpoint(path, arch="ddpmpp-tiny")
+
+
+def test_official_checkpoint_bad_files(tmp_path):
+    good = tmp_path / "cd.pt"
+    torch.save(official_state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.pt: cannot read"):
+        read_official_state_dict(truncated)
+
+    pickled = tmp_path / "pickle.pt"
+    torch.save({"w": torch.ones(1), "obj": Payload()}, pickled)
+    with pytest.raises(CheckpointError, match="pickle.pt"):  # weights_only refuses arbitrary objects
+        read_official_state_dict(pickled)
+    notdict = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], notdict)
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        read_official_state_dict(notdict)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"conv.weight": torch.ones(3, 3)}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt"):
+        cmfast.load_official_checkpoint(foreign)
+
+
+def test_load_model_names_unknown_specs():
+    with pytest.raises(CheckpointError, match="neither a network preset"):
+        load_model("no-such-preset-or-file")

@@ -1,0 +1,183 @@
+"""The `cmfast` command line end to end on small presets (CPU)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_
+from PIL import Image
+
+import cmfast
+from cmfast.cli import main
+from cmfast.networks import build_network
+
+
+@pytest.fixture
+def trained_like(tmp_path):
+    """A small class-conditional checkpoint with non-trivial weights, saved in the own format."""
+    torch.manual_seed(0)
+    path = tmp_path / "adm.safetensors"
+    cmfast.ConsistencyModel(perturb_(build_network("adm-tiny"), scale=0.1)).save(path)
+    return path
+
+
+def read_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_sample_writes_png_and_npz(tmp_path, trained_like, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "sample",
+            "--model",
+            str(trained_like),
+            "--steps",
+            "2",
+            "--num",
+            "5",
+            "--batch",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    data = read_npz(out / "samples.npz")
+    assert data["images"].shape == (5, 16, 16, 3) and data["images"].dtype == np.uint8
+    assert data["seeds"].tolist() == [3, 4, 5, 6, 7] and data["labels"].shape == (5,)
+    assert data["sigmas"].tolist() == pytest.approx(cmfast.karras_sigmas(3).tolist())
+    png = Image.open(out / "samples.png")
+    assert png.size[0] >= 3 * 16 and png.mode == "RGB"
+    assert "5 images, 2 evaluations each" in capsys.readouterr().out
+
+
+def test_samples_do_not_depend_on_batch_size(tmp_path, trained_like):
+    runs = {}
+    for batch in (1, 3, 5):
+        out = tmp_path / f"b{batch}"
+        assert (
+            main(
+                [
+                    "sample",
+                    "--model",
+                    str(trained_like),
+                    "--steps",
+                    "2",
+                    "--num",
+                    "5",
+                    "--batch",
+                    str(batch),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        runs[batch] = read_npz(out / "samples.npz")
+    for batch in (3, 5):
+        assert np.array_equal(runs[batch]["images"], runs[1]["images"])
+        assert np.array_equal(runs[batch]["labels"], runs[1]["labels"])
+    assert len({runs[1]["images"][i].tobytes() for i in range(5)}) == 5  # different seeds, different images
+
+
+def test_sample_with_ts_and_class_label(tmp_path, trained_like):
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(trained_like),
+                "--ts",
+                "0,22,39",
+                "--grid",
+                "40",
+                "--class-label",
+                "7",
+                "--num",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    data = read_npz(out / "samples.npz")
+    assert data["labels"].tolist() == [7, 7]
+    assert data["sigmas"].tolist() == pytest.approx(cmfast.sigmas_from_ts([0, 22, 39], 40).tolist())
+
+
+def test_teacher_checkpoint_uses_heun(tmp_path, capsys):
+    path = tmp_path / "edm.safetensors"
+    torch.manual_seed(0)
+    cmfast.EDMDenoiser(perturb_(build_network("ddpmpp-tiny"))).save(path)
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(path),
+                "--steps",
+                "3",
+                "--num",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "5 evaluations each" in capsys.readouterr().out
+    assert main(["sample", "--model", str(path), "--ts", "0,39", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_info_prints_architecture_and_parameters(trained_like, capsys):
+    assert main(["info", str(trained_like)]) == 0
+    out = capsys.readouterr().out
+    n = sum(p.numel() for p in build_network("adm-tiny").parameters())
+    assert str(n) in out and "adm" in out and "consistency model" in out
+    assert main(["info", "ddpmpp-tiny", "--json"]) == 0
+    assert '"arch": "song_unet"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--model", "missing.safetensors"], "neither a network preset"),
+        (["sample", "--model", "ddpmpp-tiny", "--class-label", "3"], "unconditional"),
+        (["sample", "--model", "adm-tiny", "--class-label", "10"], "out of range"),
+        (["sample", "--model", "ddpmpp-tiny", "--sigmas", "1,5"], "decreasing"),
+        (["sample", "--model", "ddpmpp-tiny", "--ts", "0,50"], "ts"),
+        (["sample", "--model", "ddpmpp-tiny", "--batch", "0"], "positive"),
+        (["info", "garbage.pt"], "garbage.pt"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(b"PK\x03\x04 this is not a zip")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_demo_writes_both_grids(tmp_path, capsys):
+    assert main(["demo", "--num", "4", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "1step.png").exists() and (tmp_path / "2step.png").exists()
+    table = capsys.readouterr().out
+    assert "steps" in table and "1step.png" in table and "2step.png" in table
+
+
+@pytest.mark.parametrize("command", ["sample", "info", "demo"])
+def test_help_explains_every_command(command):
+    proc = subprocess.run([sys.executable, "-m", "cmfast", command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: cmfast" in proc.stdout and len(proc.stdout) > 300
