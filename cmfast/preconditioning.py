@@ -104,7 +104,8 @@ class _Preconditioned(nn.Module):
             else nullcontext()
         )
         with autocast:
-            F_x = self.net(x_in, c_noise(sigma, self.noise_cond).to(net_dtype), class_labels=class_labels)
+            # noise labels stay in float32/64: ADM's 250 ln(sigma) spans +-1500, too coarse in bf16
+            F_x = self.net(x_in, c_noise(sigma, self.noise_cond), class_labels=class_labels)
         return skip * x + out * F_x.to(compute_dtype)
 
     def extra_repr(self) -> str:

@@ -118,3 +118,23 @@ def test_autocast_bf16_keeps_fp32_combination(recording_net):
 def test_bad_arguments_are_named(recording_net, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConsistencyModel(recording_net, **kwargs)
+
+
+@pytest.mark.parametrize("preset", ["ddpmpp-tiny", "ncsnpp-tiny", "adm-tiny"])
+def test_low_precision_backbone_with_fp32_preconditioning(preset):
+    from conftest import perturb_
+
+    from cmfast.networks import build_network
+
+    torch.manual_seed(0)
+    f = ConsistencyModel(perturb_(build_network(preset), scale=0.1)).eval()
+    cfg = f.net.config
+    size = getattr(cfg, "img_resolution", None) or cfg.image_size
+    x = torch.randn(2, cfg.in_channels, size, size)
+    y = torch.tensor([1, 4]) if getattr(cfg, "num_classes", 0) else None
+    with torch.no_grad():
+        ref = f(x, 2.0, y)
+        f.to(torch.bfloat16)  # weights in bf16, no autocast: noise labels must still reach the net in float32
+        out = f(x, 2.0, y)
+        assert out.dtype == torch.float32 and torch.equal(f(x, EPS, y), x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()

@@ -76,7 +76,11 @@ PRESETS: dict[str, NetworkConfig] = {
     ),
     "adm-imagenet64": ADMConfig(num_classes=1000),
     "adm-lsun256": ADMConfig(
-        image_size=256, model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, use_scale_shift_norm=False
+        image_size=256,
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        use_scale_shift_norm=False,
     ),
     # Small presets: 0.2M to 5M parameters, for CPU tests, demos and the built-in digits.
     "ddpmpp-tiny": SongUNetConfig(
