@@ -133,6 +133,8 @@ def cmd_sample(args) -> None:
     model = load_model(args.model, device=args.device).eval()
     model.autocast_dtype = DTYPES[args.dtype]
     num = args.num or args.batch
+    if args.model in PRESETS:
+        print(f"note: {args.model} is a preset with random (untrained) weights", file=sys.stderr)
     if isinstance(model, EDMDenoiser):
         if args.sigmas is not None or args.ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")

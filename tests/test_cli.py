@@ -88,6 +88,30 @@ def test_samples_do_not_depend_on_batch_size(tmp_path, trained_like):
     assert len({runs[1]["images"][i].tobytes() for i in range(5)}) == 5  # different seeds, different images
 
 
+def test_low_precision_sampling_is_close_to_fp32(tmp_path, trained_like):
+    for dtype in ("fp32", "bf16"):
+        assert (
+            main(
+                [
+                    "sample",
+                    "--model",
+                    str(trained_like),
+                    "--num",
+                    "3",
+                    "--dtype",
+                    dtype,
+                    "--out",
+                    str(tmp_path / dtype),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    fp32, bf16 = (read_npz(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("fp32", "bf16"))
+    assert (fp32 != bf16).any()  # bf16 really ran
+    assert np.abs(fp32 - bf16).mean() < 4  # uint8 levels; bf16 keeps about 3 significant digits
+
+
 def test_sample_with_ts_and_class_label(tmp_path, trained_like):
     out = tmp_path / "o"
     assert (
