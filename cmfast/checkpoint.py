@@ -125,6 +125,9 @@ def load_official_checkpoint(
             try:
                 config = adm_config_from_state_dict(state, image_size=image_size)
             except ValueError as err:
+                near = _nearest_adm_preset(state)
+                if near is not None:  # a near-miss of a known network: say what differs, not why inference failed
+                    _network_with_weights(path, near, state)
                 raise CheckpointError(f"{path}: {_first_line(err)}")
     elif isinstance(arch, str):
         config = PRESETS.get(arch)
@@ -140,16 +143,30 @@ def load_official_checkpoint(
     return MODEL_KINDS[kind](net, noise_cond="adm").to(device)
 
 
-def _matching_adm_preset(state: Mapping[str, Tensor]) -> ADMConfig | None:
-    """The first ADM preset whose state-dict keys and shapes equal the file's, if any."""
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+def _adm_preset_shapes() -> list[tuple[ADMConfig, dict[str, tuple]]]:
+    out = []
     for config in PRESETS.values():
         if isinstance(config, ADMConfig):
             with torch.device("meta"):
-                expected = build_network(config).state_dict()
-            if shapes == {k: tuple(v.shape) for k, v in expected.items()}:
-                return config
-    return None
+                out.append((config, {k: tuple(v.shape) for k, v in build_network(config).state_dict().items()}))
+    return out
+
+
+def _matching_adm_preset(state: Mapping[str, Tensor]) -> ADMConfig | None:
+    """The first ADM preset whose state-dict keys and shapes equal the file's, if any."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return next((config for config, expected in _adm_preset_shapes() if expected == shapes), None)
+
+
+def _nearest_adm_preset(state: Mapping[str, Tensor], min_overlap: float = 0.9) -> ADMConfig | None:
+    """The ADM preset sharing the most (key, shape) pairs with the file, if it shares at least `min_overlap`."""
+    shapes = {(k, tuple(v.shape)) for k, v in state.items()}
+    best, best_score = None, 0.0
+    for config, expected in _adm_preset_shapes():
+        score = len(shapes & set(expected.items())) / max(len(shapes), len(expected))
+        if score > best_score:
+            best, best_score = config, score
+    return best if best_score >= min_overlap else None
 
 
 def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Module:
@@ -184,9 +201,14 @@ def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Modul
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
-    """What the CLI's --model takes: a preset name (random weights), a .safetensors file or an official .pt file."""
+    """What the CLI's --model takes: a preset name (random weights, seeded with 0), a .safetensors file or an
+    official .pt file."""
     if spec in PRESETS:
-        return ConsistencyModel(build_network(spec)).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same random weights every time, without touching global RNG
+            torch.manual_seed(0)
+            return ConsistencyModel(build_network(spec)).to(device)
+    if os.path.isdir(spec):
+        raise CheckpointError(f"{spec}: is a directory, not a checkpoint file")
     if not os.path.exists(spec):
         raise CheckpointError(f"{spec}: neither a network preset ({', '.join(PRESETS)}) nor an existing file")
     with open(spec, "rb") as fh:
@@ -197,6 +219,8 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
 
 
 def _require_file(path) -> None:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
 

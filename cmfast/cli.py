@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_model, read_metadata
 from .generate import Generated, generate, image_shape
-from .io import image_grid, save_npz, save_png
+from .io import atomic_write_bytes, image_grid, save_npz, save_png
 from .networks import PRESETS, config_to_dict
 from .preconditioning import EDMDenoiser, num_parameters
 from .sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
@@ -36,6 +36,28 @@ def _floats(text: str) -> list[float]:
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (try cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def _check_out_dir(out: str) -> None:
+    """Fail before sampling, not after, when the output directory cannot be written."""
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: directory is not writable")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     when = p.add_mutually_exclusive_group()
     when.add_argument(
-        "--steps", type=int, help="number of network evaluations, on the Karras grid of STEPS+1 points (CM: default 1)"
+        "--steps",
+        type=int,
+        help="consistency model: network evaluations, at the Karras grid of STEPS+1 points (default 1); "
+        "EDM teacher: Heun steps (default 18 = 35 evaluations)",
     )
     when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,0.661")
     when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
@@ -102,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="ddpmpp-tiny", help="preset or checkpoint to sample from")
     p.add_argument("--num", type=int, default=16, help="images per setting")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i; weights use SEED too")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="demo", help="output directory")
     return parser
@@ -114,7 +139,7 @@ def _resolve_sigmas(args, model) -> list[float]:
         return args.sigmas
     if args.ts is not None:
         return sigmas_from_ts(args.ts, args.grid, **kw).tolist()
-    return multistep_sigmas(args.steps or 1, **kw).tolist()
+    return multistep_sigmas(1 if args.steps is None else args.steps, **kw).tolist()
 
 
 def _write_outputs(out: str, stem: str, result: Generated, extra: dict) -> tuple[str, str]:
@@ -130,15 +155,31 @@ def _write_outputs(out: str, stem: str, result: Generated, extra: dict) -> tuple
 
 
 def cmd_sample(args) -> None:
-    model = load_model(args.model, device=args.device).eval()
+    _positive("--batch", args.batch)
+    num = args.batch if args.num is None else args.num
+    _positive("--num", num)
+    _positive("--steps", args.steps)
+    if not 0 <= args.seed <= 2**63 - 1 - num:
+        raise ValueError(f"--seed must lie in [0, 2^63 - 1 - num], got {args.seed}")
+    device = _check_device(args.device)
+    _check_out_dir(args.out)
+    model = load_model(args.model, device=device).eval()
     model.autocast_dtype = DTYPES[args.dtype]
-    num = args.num or args.batch
-    if args.model in PRESETS:
-        print(f"note: {args.model} is a preset with random (untrained) weights", file=sys.stderr)
+    run = {
+        "model": args.model,
+        "kind": model.kind,
+        "num": num,
+        "batch": args.batch,
+        "seed": args.seed,
+        "class_label": args.class_label,
+        "device": str(device),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+    }
     if isinstance(model, EDMDenoiser):
         if args.sigmas is not None or args.ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
-        steps = args.steps or 18
+        steps = 18 if args.steps is None else args.steps
         result = generate(
             model,
             num,
@@ -148,7 +189,7 @@ def cmd_sample(args) -> None:
             class_label=args.class_label,
             progress=not args.no_progress,
         )
-        evals, extra = heun_evaluations(steps), {"heun_steps": np.array(steps)}
+        run.update(sampler="edm_heun", heun_steps=steps, evaluations=heun_evaluations(steps))
     else:
         sigmas = _resolve_sigmas(args, model)
         result = generate(
@@ -160,13 +201,18 @@ def cmd_sample(args) -> None:
             class_label=args.class_label,
             progress=not args.no_progress,
         )
-        evals, extra = num_evaluations(sigmas, model.sigma_min), {"sigmas": np.array(sigmas)}
-    extra["seeds"] = np.arange(args.seed, args.seed + num)
+        run.update(sampler="multistep", sigmas=sigmas, evaluations=num_evaluations(sigmas, model.sigma_min))
+    run["seconds"] = result.seconds
+    extra = {"seeds": np.arange(args.seed, args.seed + num)}
+    extra.update({"sigmas": np.array(run["sigmas"])} if "sigmas" in run else {"heun_steps": np.array(steps)})
     png, npz = _write_outputs(args.out, "samples", result, extra)
+    atomic_write_bytes(os.path.join(args.out, "samples.json"), json.dumps(run, indent=2).encode())
     print(
-        f"wrote {png} and {npz}: {num} images, {evals} evaluations each, "
-        f"{result.seconds:.2f} s ({num / result.seconds:.1f} images/s on {args.device}, {args.dtype})"
+        f"wrote {png}, {npz} and samples.json: {num} images, {run['evaluations']} evaluations each, "
+        f"{result.seconds:.2f} s ({num / result.seconds:.1f} images/s on {device}, {args.dtype})"
     )
+    if args.model in PRESETS:
+        print(f"note: {args.model} is a preset with random (untrained) weights")
 
 
 def cmd_info(args) -> None:
@@ -202,8 +248,9 @@ def cmd_info(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    torch.manual_seed(args.seed)
-    model = load_model(args.model, device=args.device).eval()
+    _positive("--num", args.num)
+    _check_out_dir(args.out)
+    model = load_model(args.model, device=_check_device(args.device)).eval()
     print(f"model: {args.model} ({num_parameters(model.net) / 1e6:.2f}M parameters, {args.device})")
     if args.model in PRESETS:
         print("note: a preset has random (untrained) weights: the images show the pipeline, not sample quality")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
-from .sampling import check_sigmas, generators_from_seeds, heun_sample, randint, randn, sample
+from .sampling import evaluation_sigmas, generators_from_seeds, heun_sample, randint, randn, sample
 
 
 @dataclass
@@ -55,7 +55,7 @@ def generate(
     if not is_teacher:
         if sigmas is None:
             raise ValueError("a consistency model needs its time points (sigmas)")
-        sigmas = check_sigmas(sigmas)  # fail before the progress bar starts
+        evaluation_sigmas(sigmas, model.sigma_min, model.sigma_max)  # fail before the progress bar starts
     n_classes = num_classes(model)
     if class_label is not None and n_classes == 0:
         raise ValueError("this model is unconditional; drop --class-label")

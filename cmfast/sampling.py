@@ -22,20 +22,28 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 # --- noise grids (REFERENCE.md section 1) ----------------------------------------------------------------------------
 
 
+def _karras_at(j: Tensor, n: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """sigma(j) = (T^(1/rho) + j/(n-1) (eps^(1/rho) - T^(1/rho)))^rho, with the endpoints j = 0 and n-1 made exact."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + j / (n - 1) * (lo - hi)) ** rho
+    sigmas[j == 0], sigmas[j == n - 1] = sigma_max, sigma_min  # so "last == sigma_min" checks are exact
+    return sigmas
+
+
+def _check_grid(n: int, sigma_min: float, sigma_max: float) -> None:
+    if int(n) != n or n < 2:
+        raise ValueError(f"a Karras grid needs n >= 2 points, got {n}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
 def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
     """Karras et al. (2022) grid of n noise levels, descending float64: first sigma_max (T), last sigma_min (eps).
 
     sigma(j) = (T^(1/rho) + j/(n-1) (eps^(1/rho) - T^(1/rho)))^rho for j = 0..n-1, the official code's index order.
     """
-    if int(n) != n or n < 2:
-        raise ValueError(f"a Karras grid needs n >= 2 points, got {n}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    j = torch.arange(int(n), dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + j / (n - 1) * (lo - hi)) ** rho
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints, so "last == sigma_min" tests are exact
-    return sigmas
+    _check_grid(n, sigma_min, sigma_max)
+    return _karras_at(torch.arange(int(n), dtype=torch.float64), int(n), sigma_min, sigma_max, rho)
 
 
 def sigmas_from_ts(
@@ -43,9 +51,11 @@ def sigmas_from_ts(
 ) -> Tensor:
     """Official multistep time points: indices `ts` into the descending Karras grid of `steps` points.
 
-    ts = (0, 22, 39) with steps = 40 gives [80.0, sigma_22, 0.002]; sampling stops at the last entry (no evaluation
-    there when it equals sigma_min), so that list means two network evaluations.
+    ts = (0, 22, 39) with steps = 40 gives [80.0, sigma_22, 0.002]; `sample` stops at a last entry equal to
+    sigma_min (no evaluation there), so that list means two network evaluations. A last index below steps - 1 is
+    evaluated too (the official sampler would instead return the image re-noised to that level).
     """
+    _check_grid(steps, sigma_min, sigma_max)
     ts = [int(t) for t in ts]
     if not ts:
         raise ValueError("ts is empty")
@@ -53,7 +63,7 @@ def sigmas_from_ts(
         raise ValueError(f"ts {ts} must lie in [0, {steps - 1}] for a grid of steps={steps}")
     if any(b <= a for a, b in zip(ts, ts[1:])):
         raise ValueError(f"ts {ts} must be strictly increasing")
-    return karras_sigmas(steps, sigma_min, sigma_max, rho)[ts]
+    return _karras_at(torch.tensor(ts, dtype=torch.float64), int(steps), sigma_min, sigma_max, rho)
 
 
 def multistep_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
@@ -65,8 +75,7 @@ def multistep_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: fl
 
 def num_evaluations(sigmas: Sequence[float], sigma_min: float = SIGMA_MIN) -> int:
     """Network evaluations that `sample` spends on this list of time points."""
-    sigmas = [float(s) for s in sigmas]
-    return len(sigmas) - 1 if len(sigmas) > 1 and math.isclose(sigmas[-1], sigma_min) else len(sigmas)
+    return len(evaluation_sigmas(sigmas, sigma_min))
 
 
 # --- randomness ------------------------------------------------------------------------------------------------------
@@ -102,6 +111,7 @@ def randint(high: int, n: int, generator: Generators = None, device=None) -> Ten
 
 
 def check_sigmas(sigmas: Sequence[float] | Tensor) -> list[float]:
+    """Time points as floats; positive, finite and strictly decreasing, or a ValueError that says which."""
     sigmas = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
     if not sigmas:
         raise ValueError("sigmas is empty")
@@ -109,6 +119,20 @@ def check_sigmas(sigmas: Sequence[float] | Tensor) -> list[float]:
         raise ValueError(f"sigmas must be positive and finite, got {sigmas}")
     if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
         raise ValueError(f"sigmas must be strictly decreasing, got {sigmas}")
+    return sigmas
+
+
+def evaluation_sigmas(sigmas: Sequence[float] | Tensor, sigma_min: float, sigma_max: float | None = None):
+    """The time points `sample` evaluates f at: checked, and without a final sigma_min (which only marks the end)."""
+    sigmas = check_sigmas(sigmas)
+    if len(sigmas) > 1 and math.isclose(sigmas[-1], sigma_min):
+        sigmas = sigmas[:-1]
+    if sigmas[-1] < sigma_min:
+        raise ValueError(f"time points must not go below sigma_min={sigma_min}, got {sigmas}")
+    if math.isclose(sigmas[0], sigma_min):
+        raise ValueError(f"the only time point is sigma_min={sigma_min}, where f is the identity; start higher")
+    if sigma_max is not None and sigmas[0] > sigma_max * (1 + 1e-9):
+        raise ValueError(f"the first time point {sigmas[0]} is above the model's sigma_max={sigma_max}")
     return sigmas
 
 
@@ -129,12 +153,8 @@ def sample(
     Between evaluations, fresh noise of std sqrt(tau^2 - sigma_min^2) is drawn from `generator`. Outputs are clamped
     to [-1, 1] as the official sampler does. sigma_min defaults to f.sigma_min (0.002 for plain callables).
     """
-    sigmas = check_sigmas(sigmas)
     eps = float(sigma_min if sigma_min is not None else getattr(f, "sigma_min", SIGMA_MIN))
-    if len(sigmas) > 1 and math.isclose(sigmas[-1], eps):
-        sigmas = sigmas[:-1]
-    if sigmas[-1] < eps:
-        raise ValueError(f"time points must not go below sigma_min={eps}, got {sigmas}")
+    sigmas = evaluation_sigmas(sigmas, eps, getattr(f, "sigma_max", None))
     x = f(sigmas[0] * noise, sigmas[0], class_labels)
     x = x.clamp(-1, 1) if clamp else x
     for sigma in sigmas[1:]:
@@ -166,13 +186,28 @@ def heun_sample(
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
+    clamp: bool = True,
 ) -> Tensor:
-    """EDM's deterministic Heun sampler for teachers: num_steps Karras points, then 0; 2 num_steps - 1 evaluations."""
+    """EDM's deterministic Heun sampler for teachers: num_steps Karras points, then 0; 2 num_steps - 1 evaluations.
+
+    clamp=True clips every denoiser output to [-1, 1], as the official teacher sampler does (clip_denoised).
+    """
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"the number of Heun steps must be a positive integer, got {num_steps}")
+    if clamp:
+        D = _clamped(D)
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist() if num_steps > 1 else [sigma_max]
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         x = heun_step(D, x, sigma, sigma_next, class_labels)
     return D(x, sigmas[-1], class_labels)  # the last step, to sigma = 0, is Euler: x + (0 - s) (x - D) / s = D
+
+
+def _clamped(D: Denoiser) -> Denoiser:
+    def clamped(x, sigma, class_labels=None):
+        return D(x, sigma, class_labels).clamp(-1, 1)
+
+    return clamped
 
 
 def heun_evaluations(num_steps: int) -> int:

@@ -352,3 +352,32 @@ def test_runs_under_bf16_autocast():
             out = net(x, t, labels)
     assert out.dtype == torch.float32
     assert (out - expected).norm() / expected.norm() < 0.05
+
+
+def test_official_file_through_the_loader_matches_the_reference(tmp_path):
+    """The whole chain: an official-style .pt file -> load_official_checkpoint -> consistency function, against
+    the paper's boundary-condition scalings around the independent functional forward with 250 ln(sigma) input."""
+    from cmfast import load_official_checkpoint
+
+    # Attention at 32, 16, 8 of 32 (rates 1, 2, 4), so the loader can infer image_size 32 from where attention sits;
+    # 64-channel heads (the official default, not stored in the weights) give 1, 2 and 3 heads per level.
+    config = dataclasses.replace(
+        SMALL, in_channels=3, image_size=32, attention_resolutions=(32, 16, 8), model_channels=64, num_head_channels=64
+    )
+    sd = {k: v.float() for k, v in _random_state_dict(config, seed=3).items()}
+    path = tmp_path / "cd_small_l2.pt"
+    torch.save(sd, path)
+    f = load_official_checkpoint(path).double()
+    assert f.net.config == config and f.noise_cond == "adm"
+    x, _, labels = _inputs(config)
+    sigma = torch.tensor([0.002, 1.3, 80.0], dtype=torch.float64)
+    with torch.no_grad():
+        out = f(x, sigma, labels)
+    s, eps, sd_ = sigma.reshape(-1, 1, 1, 1), 0.002, 0.5
+    c_skip = sd_**2 / ((s - eps) ** 2 + sd_**2)
+    c_out = sd_ * (s - eps) / (sd_**2 + s**2).sqrt()
+    F_x = _reference_forward(
+        {k: v.double() for k, v in sd.items()}, config, x / (s**2 + sd_**2).sqrt(), 250 * sigma.log(), labels
+    )
+    torch.testing.assert_close(out, c_skip * x + c_out * F_x, rtol=0, atol=1e-10)
+    assert torch.equal(out[0], x[0])  # sigma_min: the boundary condition

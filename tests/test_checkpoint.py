@@ -29,7 +29,9 @@ def inputs(model, batch=2, seed=1):
     return x, y
 
 
-@pytest.mark.parametrize("preset, cls", [("ddpmpp-tiny", ConsistencyModel), ("adm-tiny", EDMDenoiser)])
+@pytest.mark.parametrize(
+    "preset, cls", [("ddpmpp-tiny", ConsistencyModel), ("ncsnpp-tiny", ConsistencyModel), ("adm-tiny", EDMDenoiser)]
+)
 def test_own_format_round_trip(tmp_path, preset, cls):
     model = model_for(preset, cls)
     model.sigma_max = 40.0  # a non-default value must survive too
@@ -153,6 +155,20 @@ def test_official_checkpoint_bad_files(tmp_path):
         cmfast.load_official_checkpoint(foreign)
 
 
-def test_load_model_names_unknown_specs():
+def test_near_miss_of_a_known_network_names_the_difference(tmp_path):
+    state = official_state_dict()
+    del state["out.2.bias"]
+    state["out.0.weight"] = torch.ones(7)
+    path = tmp_path / "cd.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(out\.2\.bias\)"):
+        cmfast.load_official_checkpoint(path)
+
+
+def test_load_model_names_unknown_specs(tmp_path):
     with pytest.raises(CheckpointError, match="neither a network preset"):
         load_model("no-such-preset-or-file")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_model(str(tmp_path))
+    with pytest.raises(CheckpointError, match="is a directory"):
+        cmfast.load(tmp_path)

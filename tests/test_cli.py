@@ -83,8 +83,11 @@ def test_samples_do_not_depend_on_batch_size(tmp_path, trained_like):
         )
         runs[batch] = read_npz(out / "samples.npz")
     for batch in (3, 5):
-        assert np.array_equal(runs[batch]["images"], runs[1]["images"])
         assert np.array_equal(runs[batch]["labels"], runs[1]["labels"])
+        # The noise is identical (see test_sampling); convolutions may round differently per batch size, so the
+        # uint8 images agree to within one level.
+        diff = np.abs(runs[batch]["images"].astype(int) - runs[1]["images"].astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01
     assert len({runs[1]["images"][i].tobytes() for i in range(5)}) == 5  # different seeds, different images
 
 
@@ -178,12 +181,21 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
     "args, message",
     [
         (["sample", "--model", "missing.safetensors"], "neither a network preset"),
+        (["sample", "--model", "."], "is a directory"),
         (["sample", "--model", "ddpmpp-tiny", "--class-label", "3"], "unconditional"),
         (["sample", "--model", "adm-tiny", "--class-label", "10"], "out of range"),
         (["sample", "--model", "ddpmpp-tiny", "--sigmas", "1,5"], "decreasing"),
+        (["sample", "--model", "ddpmpp-tiny", "--sigmas", "0.002"], "only time point is sigma_min"),
+        (["sample", "--model", "ddpmpp-tiny", "--sigmas", "1000"], "above the model's sigma_max"),
         (["sample", "--model", "ddpmpp-tiny", "--ts", "0,50"], "ts"),
-        (["sample", "--model", "ddpmpp-tiny", "--batch", "0"], "positive"),
+        (["sample", "--model", "ddpmpp-tiny", "--batch", "0"], "--batch must be a positive integer"),
+        (["sample", "--model", "ddpmpp-tiny", "--num", "0"], "--num must be a positive integer"),
+        (["sample", "--model", "ddpmpp-tiny", "--steps", "0"], "--steps must be a positive integer"),
+        (["sample", "--model", "ddpmpp-tiny", "--seed", "99999999999999999999999"], "--seed must lie"),
+        (["sample", "--model", "ddpmpp-tiny", "--device", "foo"], "not a torch device"),
+        (["sample", "--model", "ddpmpp-tiny", "--out", "garbage.pt"], "garbage.pt"),
         (["info", "garbage.pt"], "garbage.pt"),
+        (["demo", "--num", "0"], "--num must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -205,3 +217,36 @@ def test_demo_writes_both_grids(tmp_path, capsys):
 def test_help_explains_every_command(command):
     proc = subprocess.run([sys.executable, "-m", "cmfast", command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: cmfast" in proc.stdout and len(proc.stdout) > 300
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_request_without_cuda_is_one_line(capsys):
+    assert main(["sample", "--model", "ddpmpp-tiny", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_sample_writes_the_resolved_run(tmp_path):
+    import json
+
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "adm-tiny",
+                "--steps",
+                "3",
+                "--num",
+                "2",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    run = json.loads((tmp_path / "samples.json").read_text())
+    assert run["evaluations"] == 3 and run["seed"] == 5 and run["num"] == 2 and run["kind"] == "cm"
+    assert run["sigmas"] == pytest.approx(cmfast.karras_sigmas(4).tolist())

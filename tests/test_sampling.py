@@ -140,8 +140,43 @@ def test_heun_sampler_solves_gaussian_pf_ode():
 
     z = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     exact = z * T * sd**2 / (math.sqrt(sd**2 + T**2) * math.sqrt(sd**2 + EPS**2))
-    heun_sample(D, z, num_steps=18)
+    heun_sample(D, z, num_steps=18, clamp=False)
     assert len(calls) == heun_evaluations(18) == 35
-    err = {n: ((heun_sample(D, z, num_steps=n) - exact).abs() / exact.abs()).max().item() for n in (50, 200)}
+    err = {
+        n: ((heun_sample(D, z, num_steps=n, clamp=False) - exact).abs() / exact.abs()).max().item() for n in (50, 200)
+    }
     assert err[200] < 5e-4
     assert err[50] / err[200] > 10
+
+
+def test_heun_sampler_clamps_denoiser_outputs_by_default():
+    def D(x, sigma, class_labels=None):
+        return 5 * torch.ones_like(x)
+
+    out = heun_sample(D, torch.zeros(1, 1, 2, 2), num_steps=3)
+    assert torch.equal(out, torch.ones(1, 1, 2, 2))  # the final D is clipped to 1
+    assert heun_sample(D, torch.zeros(1, 1, 2, 2), num_steps=3, clamp=False).max() == 5
+    with pytest.raises(ValueError, match="positive integer"):
+        heun_sample(D, torch.zeros(1, 1, 2, 2), num_steps=0)
+
+
+def test_sample_rejects_time_points_that_cannot_be_right():
+    z = torch.randn(1, 1, 2, 2)
+
+    class F:
+        sigma_min, sigma_max = EPS, T
+
+        def __call__(self, x, sigma, class_labels=None):
+            return x
+
+    with pytest.raises(ValueError, match="only time point is sigma_min"):
+        sample(F(), z, [EPS])
+    with pytest.raises(ValueError, match="above the model's sigma_max"):
+        sample(F(), z, [1000.0])
+
+
+def test_sigmas_from_ts_needs_only_the_chosen_points():
+    big = 10**9  # a grid this large must not be materialised
+    sig = sigmas_from_ts([0, big // 2, big - 1], big)
+    assert sig[0].item() == T and sig[-1].item() == EPS
+    assert sig[1].item() == pytest.approx(karras_ascending(big - big // 2, big), rel=1e-9)
