@@ -16,6 +16,8 @@ from .io import atomic_write_bytes, image_grid, save_npz, save_png
 from .networks import PRESETS, config_to_dict
 from .preconditioning import EDMDenoiser, num_parameters
 from .sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
+from .training.commands import add_commands as add_train_commands
+from .training.state import ResumeError, TrainingError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", default="demo", help="output directory")
+    add_train_commands(sub)
     return parser
 
 
@@ -273,8 +276,8 @@ COMMANDS = {"sample": cmd_sample, "info": cmd_info, "demo": cmd_demo}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
-    except (CheckpointError, ValueError, OSError) as err:
+        (getattr(args, "handler", None) or COMMANDS[args.command])(args)
+    except (CheckpointError, ValueError, OSError, TrainingError, ResumeError) as err:
         print(f"cmfast {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

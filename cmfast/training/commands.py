@@ -1,0 +1,128 @@
+"""`cmfast train-edm`, `cmfast distill`, `cmfast train-ct`: the command-line edge of the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig, preset_config
+
+COMMANDS = {
+    "train-edm": ("edm", "train an EDM teacher (denoiser) with EDM's loss", "digits-edm"),
+    "distill": ("cd", "consistency distillation of an EDM teacher (Algorithm 2)", "digits-cd"),
+    "train-ct": ("ct", "consistency training from scratch (Algorithm 3; --ict for improved CT)", "digits-ct"),
+}
+
+# CLI flag -> TrainConfig field, for the overrides every command accepts.
+OVERRIDES = {
+    "data": "dataset",
+    "network": "network",
+    "steps": "total_steps",
+    "batch": "batch_size",
+    "lr": "lr",
+    "ema": "ema_rates",
+    "dropout": "dropout",
+    "precision": "mixed_precision",
+    "seed": "seed",
+    "log_every": "log_every",
+    "checkpoint_every": "checkpoint_every",
+    "keep": "keep_checkpoints",
+    "sample_every": "sample_every",
+}
+CD_OVERRIDES = {
+    "teacher": "teacher",
+    "distance": "distance",
+    "num_scales": "num_scales",
+    "solver": "solver",
+    "target_ema": "target_ema",
+}
+CT_OVERRIDES = {"distance": "distance", "s0": "s0", "s1": "s1", "mu0": "mu0", "mu_variant": "mu_variant"}
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated EMA rates, got {text!r}")
+
+
+def add_commands(sub) -> None:
+    for name, (kind, help_text, default_preset) in COMMANDS.items():
+        presets = [p for p, v in PRESETS.items() if v["kind"] == kind]
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}. Starts from a preset ({', '.join(presets)}); flags "
+            "override its fields. Writes config.json, log.jsonl, checkpoints/, samples/ and model.safetensors into "
+            "--run-dir; --resume continues from the newest readable checkpoint there.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        p.add_argument("--preset", default=default_preset, choices=presets, help="training preset")
+        p.add_argument("--run-dir", required=True, help="directory for this run's outputs")
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (its config.json rules)")
+        p.add_argument("--data", help="dataset: digits8/digits16/digits32, an image folder or an .npz file")
+        if kind != "cd":
+            p.add_argument("--network", help="network preset (see `cmfast info PRESET`)")
+        p.add_argument("--steps", type=int, help="total optimizer steps K (on --resume: extend the run to K)")
+        p.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
+        p.add_argument("--lr", type=float, help="RAdam learning rate")
+        p.add_argument("--ema", type=_rates, help="online EMA rates, e.g. 0.999,0.9999")
+        p.add_argument("--dropout", type=float, help="override the network's dropout")
+        p.add_argument("--precision", choices=["no", "bf16", "fp16"], help="mixed precision (fp32 master weights)")
+        p.add_argument("--seed", type=int, help="seed of initial weights, data order and noise")
+        p.add_argument("--log-every", type=int, help="steps between log lines")
+        p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+        p.add_argument("--keep", type=int, help="checkpoints to keep")
+        p.add_argument("--sample-every", type=int, help="steps between sample grids (0: only at the end)")
+        p.add_argument("--device", help="torch device (default: this process's GPU under torchrun, else cpu)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        if kind == "cd":
+            p.add_argument("--teacher", help="EDM teacher checkpoint (.safetensors from train-edm)")
+            p.add_argument("--num-scales", type=int, help="N, points of the Karras grid")
+            p.add_argument("--solver", choices=["heun", "euler"], help="teacher ODE solver")
+            p.add_argument("--target-ema", type=float, help="mu, EMA rate of the target network")
+        if kind == "ct":
+            p.add_argument("--s0", type=int, help="initial discretization steps")
+            p.add_argument("--s1", type=int, help="final discretization steps")
+            p.add_argument("--mu0", type=float, help="initial target EMA rate")
+            p.add_argument("--mu-variant", choices=["paper", "official"], help="mu(k) with N(k) or N(k) - 1")
+            p.add_argument("--ict", action="store_true", default=None, help="all improved-CT options")
+        if kind != "edm":
+            p.add_argument(
+                "--distance",
+                choices=["l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"],
+                help="distance d of the consistency loss",
+            )
+        p.set_defaults(handler=run_command, kind=kind)
+
+
+def resolve_config(args) -> TrainConfig:
+    """The preset with the flags applied, or (on --resume) the run's own config with only --steps changeable."""
+    run_dir = Path(args.run_dir)
+    if args.resume:
+        path = run_dir / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--resume: {path} not found; is {run_dir} a cmfast run directory?")
+        data = json.loads(path.read_text())
+        data = {k: v for k, v in data.items() if k in TrainConfig.__dataclass_fields__}
+        if data.get("kind") != args.kind:
+            raise ValueError(f"--resume: {run_dir} holds a {data.get('kind')!r} run, not {args.kind!r}")
+        if args.steps is not None:
+            data["total_steps"] = args.steps
+        return TrainConfig.from_dict(data)
+    table = {**OVERRIDES, **(CD_OVERRIDES if args.kind == "cd" else {}), **(CT_OVERRIDES if args.kind == "ct" else {})}
+    overrides = {field: getattr(args, flag, None) for flag, field in table.items()}
+    if args.kind == "ct":
+        overrides["ict"] = args.ict
+    return preset_config(args.preset, **overrides)
+
+
+def run_command(args) -> None:
+    from .trainer import Trainer
+
+    config = resolve_config(args)
+    trainer = Trainer(config, args.run_dir, resume=args.resume, progress=not args.no_progress, device=args.device)
+    path = trainer.train()
+    if trainer.dist.is_main:
+        print(f"wrote {path} (step {trainer.step}); samples in {Path(args.run_dir) / 'samples'}")

@@ -1,0 +1,172 @@
+"""Training run configuration (one dataclass) and the one table of presets: every column of the paper's Table 3,
+and small CPU presets for the built-in digits.
+
+The resolved config is written as JSON into the run directory (`config.json`) and read back on --resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+KINDS = ("edm", "cd", "ct")
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "cd"  # "edm" (teacher), "cd" (consistency distillation) or "ct" (consistency training)
+    network: str = "ddpmpp-digits"  # network preset (cmfast.PRESETS); CD students use the teacher's architecture
+    dataset: str | None = "digits16"  # "digits8/16/32", an image folder or an .npz file
+    teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors)
+
+    total_steps: int = 2000  # K, optimizer steps
+    batch_size: int = 64  # global batch, split evenly over processes
+    lr: float = 4e-4  # RAdam, constant (no decay, no warm-up, no weight decay)
+    ema_rates: tuple[float, ...] = (0.9999,)  # online-weight EMAs kept for evaluation
+    dropout: float | None = None  # overrides the network preset's dropout when set
+    xflip: bool = False  # horizontal flips (off for digits: a flipped digit is not a digit)
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 uses dynamic loss scaling); master weights are fp32
+
+    # EDM teacher loss
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    # Consistency losses
+    distance: str = "l2"  # "l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"
+    num_scales: int = 18  # CD: N, points of the Karras grid
+    solver: str = "heun"  # CD: teacher ODE solver, "heun" or "euler"
+    target_ema: float = 0.0  # CD: mu, EMA rate of the target network
+    s0: int = 2  # CT: initial discretization steps
+    s1: int = 150  # CT: final discretization steps
+    mu0: float = 0.9  # CT: target EMA at the start
+    mu_variant: str = "paper"  # CT: "paper" mu(k) = exp(s0 ln mu0 / N(k)), or "official" (N(k) - 1)
+    ict: bool = False  # CT: all improved-CT options (pseudo-Huber, lognormal indices, curriculum, 1/dt weight, mu=0)
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+
+    seed: int = 0
+    log_every: int = 50  # steps between log lines in log.jsonl
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the last M checkpoints are kept
+    sample_every: int = 0  # steps between sample grids in the run directory; 0 = only at the end
+    max_bad_steps: int = 20  # consecutive non-finite steps tolerated before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact resume tests
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the run
+
+    def __post_init__(self):
+        self.ema_rates = tuple(self.ema_rates)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.total_steps < 1 or self.batch_size < 1:
+            raise ValueError("total_steps and batch_size must be positive")
+        if self.kind == "cd" and not self.teacher:
+            raise ValueError("consistency distillation needs a teacher checkpoint (--teacher)")
+        if self.dataset is None:
+            raise ValueError("no dataset: pass --data (digits16, an image folder or an .npz file)")
+        if not all(0 <= r < 1 for r in self.ema_rates) or not 0 <= self.target_ema < 1:
+            raise ValueError("EMA rates must lie in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _paper(kind, network, dataset, **kw) -> dict:
+    return dict(kind=kind, network=network, dataset=dataset, **kw)
+
+
+# Table 3 of the paper (REFERENCE.md section 6). Datasets are not shipped: pass --data. CD presets need --teacher.
+_CIFAR = dict(batch_size=512, lr=4e-4, ema_rates=(0.9999,), total_steps=800_000, xflip=True, dropout=0.0)
+_IN64 = dict(batch_size=2048, lr=8e-6, ema_rates=(0.999943,), mixed_precision="fp16", xflip=True, dropout=0.0)
+_LSUN = dict(batch_size=2048, lr=1e-5, ema_rates=(0.999943,), mixed_precision="fp16", xflip=True, dropout=0.0)
+PRESETS: dict[str, dict] = {
+    "cifar10-cd-lpips": _paper("cd", "ncsnpp-cifar10", None, distance="lpips", num_scales=18, target_ema=0.0, **_CIFAR),
+    "cifar10-ct": _paper("ct", "ncsnpp-cifar10", None, distance="lpips", s0=2, s1=150, mu0=0.9, **_CIFAR),
+    "imagenet64-cd-l2": _paper(
+        "cd", "adm-imagenet64", None, distance="l2", num_scales=40, target_ema=0.95, total_steps=600_000, **_IN64
+    ),
+    "imagenet64-cd-lpips": _paper(
+        "cd", "adm-imagenet64", None, distance="lpips", num_scales=40, target_ema=0.95, total_steps=600_000, **_IN64
+    ),
+    "imagenet64-ct": _paper(
+        "ct", "adm-imagenet64", None, distance="lpips", s0=2, s1=200, mu0=0.95, total_steps=800_000, **_IN64
+    ),
+    "lsun256-cd-lpips": _paper(
+        "cd", "adm-lsun256", None, distance="lpips", num_scales=40, target_ema=0.95, total_steps=600_000, **_LSUN
+    ),
+    "lsun256-cd-l2": _paper(
+        "cd", "adm-lsun256", None, distance="l2", num_scales=40, target_ema=0.95, total_steps=600_000, **_LSUN
+    ),
+    "lsun256-ct": _paper(
+        "ct", "adm-lsun256", None, distance="lpips", s0=2, s1=150, mu0=0.95, total_steps=1_000_000, **_LSUN
+    ),
+    # Small CPU presets on the built-in digits (16x16, 1 channel, 10 classes unused).
+    "digits-edm": dict(
+        kind="edm",
+        network="ddpmpp-digits",
+        dataset="digits16",
+        total_steps=4000,
+        batch_size=64,
+        lr=1e-3,
+        ema_rates=(0.999,),
+        checkpoint_every=1000,
+    ),
+    "digits-cd": dict(
+        kind="cd",
+        network="ddpmpp-digits",
+        dataset="digits16",
+        total_steps=2000,
+        batch_size=64,
+        lr=2e-4,
+        ema_rates=(0.999,),
+        distance="l2",
+        num_scales=18,
+        target_ema=0.95,
+        checkpoint_every=1000,
+    ),
+    "digits-ct": dict(
+        kind="ct",
+        network="ddpmpp-digits",
+        dataset="digits16",
+        total_steps=4000,
+        batch_size=64,
+        lr=4e-4,
+        ema_rates=(0.999,),
+        distance="l2",
+        s0=2,
+        s1=150,
+        mu0=0.9,
+        checkpoint_every=1000,
+    ),
+    "digits-ict": dict(
+        kind="ct",
+        network="ddpmpp-digits",
+        dataset="digits16",
+        total_steps=4000,
+        batch_size=64,
+        lr=4e-4,
+        ema_rates=(0.999,),
+        ict=True,
+        checkpoint_every=1000,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The preset `name` with `overrides` applied (None values are ignored), validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; presets: {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(**values)
