@@ -56,6 +56,7 @@ setup(
         "pillow>=9.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "scikit-learn>=1.2",  # the built-in digits dataset
     ],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4"]},
     entry_points={"console_scripts": ["cmfast = cmfast.cli:main"]},

@@ -21,7 +21,7 @@ from cmfast.networks.song_unet import (
     group_norm_silu,
 )
 
-SMALL_PRESETS = ["ddpmpp-tiny", "ddpmpp-digits", "ncsnpp-tiny"]
+SMALL_PRESETS = ["ddpmpp-tiny", "ddpmpp-digits", "ddpmpp-digits8", "ncsnpp-tiny"]
 
 
 def _num_params(net: torch.nn.Module) -> int:

@@ -15,8 +15,8 @@ KINDS = ("edm", "cd", "ct")
 @dataclass
 class TrainConfig:
     kind: str = "cd"  # "edm" (teacher), "cd" (consistency distillation) or "ct" (consistency training)
-    network: str = "ddpmpp-digits"  # network preset (cmfast.PRESETS); CD students use the teacher's architecture
-    dataset: str | None = "digits16"  # "digits8/16/32", an image folder or an .npz file
+    network: str = "ddpmpp-digits8"  # network preset (cmfast.PRESETS); CD students use the teacher's architecture
+    dataset: str | None = "digits8"  # "digits8/16/32", an image folder or an .npz file
     teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors)
 
     total_steps: int = 2000  # K, optimizer steps
@@ -112,11 +112,11 @@ PRESETS: dict[str, dict] = {
     "lsun256-ct": _paper(
         "ct", "adm-lsun256", None, distance="lpips", s0=2, s1=150, mu0=0.95, total_steps=1_000_000, **_LSUN
     ),
-    # Small CPU presets on the built-in digits (16x16, 1 channel, 10 classes unused).
+    # Small CPU presets on the built-in digits (8x8, the originals' size; 1 channel; labels unused).
     "digits-edm": dict(
         kind="edm",
-        network="ddpmpp-digits",
-        dataset="digits16",
+        network="ddpmpp-digits8",
+        dataset="digits8",
         total_steps=4000,
         batch_size=64,
         lr=1e-3,
@@ -125,8 +125,8 @@ PRESETS: dict[str, dict] = {
     ),
     "digits-cd": dict(
         kind="cd",
-        network="ddpmpp-digits",
-        dataset="digits16",
+        network="ddpmpp-digits8",
+        dataset="digits8",
         total_steps=2000,
         batch_size=64,
         lr=2e-4,
@@ -138,8 +138,8 @@ PRESETS: dict[str, dict] = {
     ),
     "digits-ct": dict(
         kind="ct",
-        network="ddpmpp-digits",
-        dataset="digits16",
+        network="ddpmpp-digits8",
+        dataset="digits8",
         total_steps=4000,
         batch_size=64,
         lr=4e-4,
@@ -152,8 +152,8 @@ PRESETS: dict[str, dict] = {
     ),
     "digits-ict": dict(
         kind="ct",
-        network="ddpmpp-digits",
-        dataset="digits16",
+        network="ddpmpp-digits8",
+        dataset="digits8",
         total_steps=4000,
         batch_size=64,
         lr=4e-4,
