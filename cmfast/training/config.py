@@ -32,12 +32,12 @@ class TrainConfig:
     p_std: float = 1.2
 
     # Consistency losses
-    distance: str = "l2"  # "l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"
+    distance: str | None = None  # "l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"; None: LPIPS (iCT: p.-H.)
     num_scales: int = 18  # CD: N, points of the Karras grid
     solver: str = "heun"  # CD: teacher ODE solver, "heun" or "euler"
     target_ema: float = 0.0  # CD: mu, EMA rate of the target network
-    s0: int = 2  # CT: initial discretization steps
-    s1: int = 150  # CT: final discretization steps
+    s0: int | None = None  # CT: initial discretization steps; None: 2 (iCT: 10)
+    s1: int | None = None  # CT: final discretization steps; None: 150 (iCT: 1280)
     mu0: float = 0.9  # CT: target EMA at the start
     mu_variant: str = "paper"  # CT: "paper" mu(k) = exp(s0 ln mu0 / N(k)), or "official" (N(k) - 1)
     ict: bool = False  # CT: all improved-CT options (pseudo-Huber, lognormal indices, curriculum, 1/dt weight, mu=0)

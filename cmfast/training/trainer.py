@@ -129,7 +129,13 @@ class Trainer:
             return EDMLoss(p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_data=cfg.sigma_data)
         if cfg.kind == "cd":
             return CDLoss(
-                self.teacher, self.target, num_scales=cfg.num_scales, solver=cfg.solver, distance=cfg.distance, **grid
+                self.teacher,
+                self.target,
+                num_scales=cfg.num_scales,
+                solver=cfg.solver,
+                distance=cfg.distance or "lpips",
+                mu=cfg.target_ema,
+                **grid,
             )
         return CTLoss(
             self.target,
@@ -226,8 +232,7 @@ class Trainer:
         buffers = list(self.online.buffers())
         averages = list(self.emas.items())
         if self.target is not None:
-            mu = self.loss_fn.target_ema(step) if self.cfg.kind == "ct" else self.cfg.target_ema
-            averages.append((mu, self.target))
+            averages.append((self.loss_fn.target_ema(step), self.target))
         for rate, model in averages:
             torch._foreach_lerp_(list(model.parameters()), params, 1.0 - rate)
             for b_avg, b in zip(model.buffers(), buffers):
@@ -323,9 +328,13 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 
-    def train(self) -> Path:
-        """Train to `total_steps`, checkpointing and sampling along the way; returns the exported model's path."""
+    def train(self, stop_at: int | None = None) -> Path:
+        """Train to `total_steps`, checkpointing and sampling along the way; returns the exported model's path.
+
+        stop_at ends the run early at that step with a checkpoint (e.g. to end a time slot) and returns its path.
+        """
         cfg = self.cfg
+        end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
         bar = tqdm(
             total=cfg.total_steps,
             initial=self.step,
@@ -334,7 +343,7 @@ class Trainer:
             disable=not (self.progress and self.dist.is_main),
         )
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < cfg.total_steps:
+        while self.step < end:
             out = self.train_step()
             window_steps += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
@@ -349,12 +358,14 @@ class Trainer:
                 self.log(record)
                 bar.set_postfix(loss=f"{out['loss']:.4g}", img_s=f"{rate:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.write_samples()
             bar.update(1)
         bar.close()
+        if self.step < cfg.total_steps:  # stopped early: the checkpoint is the output
+            return ckpt.checkpoint_path(self.run_dir, self.step)
         self.write_samples()
         self.export()
         self.dist.barrier()
