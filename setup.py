@@ -46,8 +46,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cmfast", "cmfast.networks", "cmfast.kernels"],
+    packages=["cmfast", "cmfast.networks", "cmfast.training", "cmfast.kernels"],
     package_dir={"cmfast.kernels": "kernels"},
+    package_data={"cmfast": ["assets/*.safetensors", "assets/*.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

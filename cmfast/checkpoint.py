@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,8 +32,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike) -> None:
-    """Write `model` (backbone weights + config + preconditioning) to a .safetensors file, atomically."""
+def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write `model` (backbone weights + config + preconditioning) to a .safetensors file, atomically.
+
+    dtype (e.g. torch.float16) stores floating-point weights at that precision, to halve a shipped file; loading
+    always gives float32 weights.
+    """
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -43,7 +48,10 @@ def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike) -> None
         "sigma_data": model.sigma_data,
         "noise_cond": model.noise_cond,
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
+    tensors = {}
+    for key, value in model.net.state_dict().items():
+        value = value.detach().to("cpu")
+        tensors[key] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={FORMAT_NAME: json.dumps(meta)}))
 
 
@@ -200,9 +208,19 @@ def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Modul
     return net
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED = {  # models trained by the project's own commands (cmfast/assets/README.md says which)
+    "digits-edm": "EDM teacher on the 8x8 digits (Heun sampler)",
+    "digits-cd": "consistency distillation of digits-edm",
+    "digits-ct": "consistency training from scratch on the 8x8 digits",
+}
+
+
 def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
-    """What the CLI's --model takes: a preset name (random weights, seeded with 0), a .safetensors file or an
-    official .pt file."""
+    """What the CLI's --model takes: a shipped model name (see SHIPPED), a preset name (random weights, seeded
+    with 0), a .safetensors file or an official .pt file."""
+    if spec in SHIPPED:
+        return load(ASSETS / f"{spec}.safetensors", device=device)
     if spec in PRESETS:
         with torch.random.fork_rng(devices=[]):  # the same random weights every time, without touching global RNG
             torch.manual_seed(0)
@@ -210,7 +228,10 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
     if os.path.isdir(spec):
         raise CheckpointError(f"{spec}: is a directory, not a checkpoint file")
     if not os.path.exists(spec):
-        raise CheckpointError(f"{spec}: neither a network preset ({', '.join(PRESETS)}) nor an existing file")
+        raise CheckpointError(
+            f"{spec}: neither a shipped model ({', '.join(SHIPPED)}), a network preset ({', '.join(PRESETS)}) "
+            "nor an existing file"
+        )
     with open(spec, "rb") as fh:
         head = fh.read(8)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle stream

@@ -120,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser(
+        "export",
+        help="re-save a model (checkpoint, official .pt or shipped name) in the cmfast format, e.g. as fp16",
+        description="Load any model --model accepts and write it as a cmfast .safetensors file, optionally storing "
+        "the weights in half precision (loading always gives float32 weights).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="a cmfast .safetensors file, an official .pt file or a shipped model name")
+    p.add_argument("dest", help="output .safetensors path (written atomically)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage precision")
+
+    p = sub.add_parser(
         "demo",
         help="the main job: train a digits teacher, distill it, compare 1- and 2-step samples (CPU, minutes)",
         description="The whole pipeline on the built-in digits (scikit-learn's 8x8 handwritten digits): train a small "
@@ -251,6 +262,12 @@ def cmd_info(args) -> None:
         print(f"{'':>18}{key} = {value}")
 
 
+def cmd_export(args) -> None:
+    model = load_model(args.source)
+    model.save(args.dest, dtype={"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    print(f"wrote {args.dest} ({model.kind}, {num_parameters(model.net) / 1e6:.2f}M parameters, {args.dtype})")
+
+
 def cmd_demo(args) -> None:
     from .pipeline import run_pipeline
 
@@ -260,7 +277,7 @@ def cmd_demo(args) -> None:
     print(run_pipeline(args.out, args.teacher_steps, args.cd_steps, seed=args.seed, progress=not args.no_progress))
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,11 +115,12 @@ class _Preconditioned(nn.Module):
         )
 
     # The project's own checkpoint format; imported lazily to keep this module free of I/O.
-    def save(self, path: str) -> None:
-        """Write weights (safetensors) and config (JSON in the file's metadata) atomically to `path`."""
+    def save(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Write weights (safetensors; optionally stored at `dtype`) and config (JSON in the file's metadata)
+        atomically to `path`."""
         from .checkpoint import save
 
-        save(self, path)
+        save(self, path, dtype)
 
 
 class EDMDenoiser(_Preconditioned):

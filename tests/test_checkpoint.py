@@ -166,7 +166,7 @@ def test_near_miss_of_a_known_network_names_the_difference(tmp_path):
 
 
 def test_load_model_names_unknown_specs(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a network preset"):
+    with pytest.raises(CheckpointError, match="neither a shipped model"):
         load_model("no-such-preset-or-file")
     with pytest.raises(CheckpointError, match="is a directory"):
         load_model(str(tmp_path))

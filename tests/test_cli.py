@@ -180,7 +180,7 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sample", "--model", "missing.safetensors"], "neither a network preset"),
+        (["sample", "--model", "missing.safetensors"], "neither a shipped model"),
         (["sample", "--model", "."], "is a directory"),
         (["sample", "--model", "ddpmpp-tiny", "--class-label", "3"], "unconditional"),
         (["sample", "--model", "adm-tiny", "--class-label", "10"], "out of range"),
@@ -195,7 +195,7 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
         (["sample", "--model", "ddpmpp-tiny", "--device", "foo"], "not a torch device"),
         (["sample", "--model", "ddpmpp-tiny", "--out", "garbage.pt"], "garbage.pt"),
         (["info", "garbage.pt"], "garbage.pt"),
-        (["demo", "--num", "0"], "--num must be a positive integer"),
+        (["demo", "--cd-steps", "0"], "--cd-steps must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -206,14 +206,30 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_demo_writes_both_grids(tmp_path, capsys):
-    assert main(["demo", "--num", "4", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "1step.png").exists() and (tmp_path / "2step.png").exists()
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--teacher-steps", "2", "--cd-steps", "2", "--out", str(out), "--no-progress"]) == 0
     table = capsys.readouterr().out
-    assert "steps" in table and "1step.png" in table and "2step.png" in table
+    for name in ("panel.png", "teacher-heun-18step.png", "teacher-heun-2step.png", "cd-1step.png", "cd-2step.png"):
+        assert (out / name).exists(), name
+    assert isinstance(cmfast.load(out / "teacher" / "model.safetensors"), cmfast.EDMDenoiser)
+    assert isinstance(cmfast.load(out / "cd" / "model.safetensors"), cmfast.ConsistencyModel)
+    rows = [line.split() for line in table.splitlines() if line.startswith(("EDM", "CD"))]
+    assert [(r[-4], r[-3]) for r in rows] == [("18", "35"), ("2", "3"), ("1", "1"), ("2", "2")]  # steps, evaluations
+    assert (out / "table.txt").read_text().strip() == table.strip()
 
 
-@pytest.mark.parametrize("command", ["sample", "info", "demo"])
+def test_export_half_precision_round_trip(tmp_path, trained_like, capsys):
+    dest = tmp_path / "half.safetensors"
+    assert main(["export", str(trained_like), str(dest), "--dtype", "fp16"]) == 0
+    full, half = cmfast.load(trained_like), cmfast.load(dest)
+    assert dest.stat().st_size < 0.6 * trained_like.stat().st_size
+    for a, b in zip(full.net.parameters(), half.net.parameters()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", ["sample", "info", "export", "demo", "train-edm", "distill", "train-ct"])
 def test_help_explains_every_command(command):
     proc = subprocess.run([sys.executable, "-m", "cmfast", command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: cmfast" in proc.stdout and len(proc.stdout) > 300
