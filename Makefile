@@ -11,7 +11,8 @@ $(BIN)/cmfast: setup.py pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(BIN)/cmfast
 
-demo: $(BIN)/cmfast
+demo: $(BIN)/cmfast  # replaces demo/ from an earlier run
+	rm -rf demo
 	$(BIN)/cmfast demo --out demo
 
 test: $(BIN)/cmfast

@@ -74,7 +74,7 @@ def add_commands(sub) -> None:
         p.add_argument("--log-every", type=int, help="steps between log lines")
         p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
         p.add_argument("--keep", type=int, help="checkpoints to keep")
-        p.add_argument("--sample-every", type=int, help="steps between sample grids (0: only at the end)")
+        p.add_argument("--sample-every", type=int, help="training images between sample grids (0: only at the end)")
         p.add_argument("--device", help="torch device (default: this process's GPU under torchrun, else cpu)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         if kind == "cd":

@@ -51,7 +51,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines in log.jsonl
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # the last M checkpoints are kept
-    sample_every: int = 0  # steps between sample grids in the run directory; 0 = only at the end
+    sample_every: int = 16384  # training images between sample grids in the run directory; 0 = only at the end
     max_bad_steps: int = 20  # consecutive non-finite steps tolerated before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact resume tests
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run
@@ -88,9 +88,27 @@ def _paper(kind, network, dataset, **kw) -> dict:
 
 
 # Table 3 of the paper (REFERENCE.md section 6). Datasets are not shipped: pass --data. CD presets need --teacher.
-_CIFAR = dict(batch_size=512, lr=4e-4, ema_rates=(0.9999,), total_steps=800_000, xflip=True, dropout=0.0)
-_IN64 = dict(batch_size=2048, lr=8e-6, ema_rates=(0.999943,), mixed_precision="fp16", xflip=True, dropout=0.0)
-_LSUN = dict(batch_size=2048, lr=1e-5, ema_rates=(0.999943,), mixed_precision="fp16", xflip=True, dropout=0.0)
+_CIFAR = dict(
+    sample_every=1_024_000, batch_size=512, lr=4e-4, ema_rates=(0.9999,), total_steps=800_000, xflip=True, dropout=0.0
+)
+_IN64 = dict(
+    sample_every=1_024_000,
+    batch_size=2048,
+    lr=8e-6,
+    ema_rates=(0.999943,),
+    mixed_precision="fp16",
+    xflip=True,
+    dropout=0.0,
+)
+_LSUN = dict(
+    sample_every=1_024_000,
+    batch_size=2048,
+    lr=1e-5,
+    ema_rates=(0.999943,),
+    mixed_precision="fp16",
+    xflip=True,
+    dropout=0.0,
+)
 PRESETS: dict[str, dict] = {
     "cifar10-cd-lpips": _paper("cd", "ncsnpp-cifar10", None, distance="lpips", num_scales=18, target_ema=0.0, **_CIFAR),
     "cifar10-ct": _paper("ct", "ncsnpp-cifar10", None, distance="lpips", s0=2, s1=150, mu0=0.9, **_CIFAR),

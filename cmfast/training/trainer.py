@@ -360,7 +360,11 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
+            if (
+                cfg.sample_every
+                and (self.step * cfg.batch_size) // cfg.sample_every
+                > ((self.step - 1) * cfg.batch_size) // cfg.sample_every
+            ):
                 self.write_samples()
             bar.update(1)
         bar.close()

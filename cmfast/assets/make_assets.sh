@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Re-create the shipped digits models with the project's own commands (CPU, about half an hour on 2 cores).
+# Run from the repository root with cmfast installed: bash cmfast/assets/make_assets.sh [RUNS_DIR]
+set -euo pipefail
+RUNS=${1:-runs/assets}
+ASSETS=cmfast/assets
+cmfast train-edm --preset digits-edm --steps 4000 --run-dir "$RUNS/digits-edm" --no-progress
+cmfast export "$RUNS/digits-edm/model.safetensors" "$ASSETS/digits-edm.safetensors" --dtype fp16
+cmfast distill --preset digits-cd --teacher "$RUNS/digits-edm/model.safetensors" --steps 2000 \
+  --run-dir "$RUNS/digits-cd" --no-progress
+cmfast export "$RUNS/digits-cd/model.safetensors" "$ASSETS/digits-cd.safetensors" --dtype fp16
+cmfast train-ct --preset digits-ct --steps 5000 --run-dir "$RUNS/digits-ct" --no-progress
+cmfast export "$RUNS/digits-ct/model.safetensors" "$ASSETS/digits-ct.safetensors" --dtype fp16
