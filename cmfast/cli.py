@@ -195,31 +195,18 @@ def cmd_sample(args) -> None:
         if args.sigmas is not None or args.ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
         steps = 18 if args.steps is None else args.steps
-        result = generate(
-            model,
-            num,
-            args.batch,
-            args.seed,
-            heun_steps=steps,
-            class_label=args.class_label,
-            progress=not args.no_progress,
-        )
+        how = dict(heun_steps=steps)
         run.update(sampler="edm_heun", heun_steps=steps, evaluations=heun_evaluations(steps))
     else:
         sigmas = _resolve_sigmas(args, model)
-        result = generate(
-            model,
-            num,
-            args.batch,
-            args.seed,
-            sigmas=sigmas,
-            class_label=args.class_label,
-            progress=not args.no_progress,
-        )
+        how = dict(sigmas=sigmas)
         run.update(sampler="multistep", sigmas=sigmas, evaluations=num_evaluations(sigmas, model.sigma_min))
+    result = generate(
+        model, num, args.batch, args.seed, class_label=args.class_label, progress=not args.no_progress, **how
+    )
     run["seconds"] = result.seconds
     extra = {"seeds": np.arange(args.seed, args.seed + num)}
-    extra.update({"sigmas": np.array(run["sigmas"])} if "sigmas" in run else {"heun_steps": np.array(steps)})
+    extra.update({key: np.array(value) for key, value in how.items()})
     png, npz = _write_outputs(args.out, "samples", result, extra)
     atomic_write_bytes(os.path.join(args.out, "samples.json"), json.dumps(run, indent=2).encode())
     print(

@@ -109,6 +109,7 @@ _LSUN = dict(
     xflip=True,
     dropout=0.0,
 )
+_DIGITS = dict(network="ddpmpp-digits8", dataset="digits8", batch_size=64, ema_rates=(0.999,), checkpoint_every=1000)
 PRESETS: dict[str, dict] = {
     "cifar10-cd-lpips": _paper("cd", "ncsnpp-cifar10", None, distance="lpips", num_scales=18, target_ema=0.0, **_CIFAR),
     "cifar10-ct": _paper("ct", "ncsnpp-cifar10", None, distance="lpips", s0=2, s1=150, mu0=0.9, **_CIFAR),
@@ -131,54 +132,10 @@ PRESETS: dict[str, dict] = {
         "ct", "adm-lsun256", None, distance="lpips", s0=2, s1=150, mu0=0.95, total_steps=1_000_000, **_LSUN
     ),
     # Small CPU presets on the built-in digits (8x8, the originals' size; 1 channel; labels unused).
-    "digits-edm": dict(
-        kind="edm",
-        network="ddpmpp-digits8",
-        dataset="digits8",
-        total_steps=4000,
-        batch_size=64,
-        lr=1e-3,
-        ema_rates=(0.999,),
-        checkpoint_every=1000,
-    ),
-    "digits-cd": dict(
-        kind="cd",
-        network="ddpmpp-digits8",
-        dataset="digits8",
-        total_steps=2000,
-        batch_size=64,
-        lr=2e-4,
-        ema_rates=(0.999,),
-        distance="l2",
-        num_scales=18,
-        target_ema=0.95,
-        checkpoint_every=1000,
-    ),
-    "digits-ct": dict(
-        kind="ct",
-        network="ddpmpp-digits8",
-        dataset="digits8",
-        total_steps=4000,
-        batch_size=64,
-        lr=4e-4,
-        ema_rates=(0.999,),
-        distance="l2",
-        s0=2,
-        s1=150,
-        mu0=0.9,
-        checkpoint_every=1000,
-    ),
-    "digits-ict": dict(
-        kind="ct",
-        network="ddpmpp-digits8",
-        dataset="digits8",
-        total_steps=4000,
-        batch_size=64,
-        lr=4e-4,
-        ema_rates=(0.999,),
-        ict=True,
-        checkpoint_every=1000,
-    ),
+    "digits-edm": dict(kind="edm", lr=1e-3, total_steps=4000, **_DIGITS),
+    "digits-cd": dict(kind="cd", lr=2e-4, total_steps=2000, distance="l2", num_scales=18, target_ema=0.95, **_DIGITS),
+    "digits-ct": dict(kind="ct", lr=4e-4, total_steps=4000, distance="l2", s0=2, s1=150, mu0=0.9, **_DIGITS),
+    "digits-ict": dict(kind="ct", lr=4e-4, total_steps=4000, ict=True, **_DIGITS),
 }
 
 
