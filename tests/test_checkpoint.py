@@ -172,3 +172,11 @@ def test_load_model_names_unknown_specs(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(CheckpointError, match="is a directory"):
         cmfast.load(tmp_path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model_for("ddpmpp-tiny").save(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
