@@ -1,6 +1,7 @@
 """cmfast: a fast engine for consistency models (Song, Dhariwal, Chen, Sutskever, ICML 2023)."""
 
 from .checkpoint import CheckpointError, load, load_official_checkpoint, save
+from .editing import colorize, denoise, edit, inpaint, interpolate, stroke_edit, super_resolve
 from .networks import PRESETS, build_network
 from .preconditioning import ConsistencyModel, EDMDenoiser
 from .sampling import (
@@ -20,6 +21,13 @@ __all__ = [
     "ConsistencyModel",
     "EDMDenoiser",
     "build_network",
+    "colorize",
+    "denoise",
+    "edit",
+    "inpaint",
+    "interpolate",
+    "stroke_edit",
+    "super_resolve",
     "generators_from_seeds",
     "heun_sample",
     "karras_sigmas",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_model, read_metadata
+from .editing_cli import add_commands as add_edit_commands
 from .generate import Generated, generate, image_shape
 from .io import atomic_write_bytes, image_grid, save_npz, save_png
 from .networks import PRESETS, config_to_dict
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", help="output directory (must not hold an earlier run)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_train_commands(sub)
+    add_edit_commands(sub)
     return parser
 
 

@@ -1,0 +1,437 @@
+"""`cmfast edit TASK`: zero-shot editing (Algorithm 4) from the command line, writing a labelled panel and raw arrays.
+
+Outputs in --out: TASK.png (rows: one per input; columns: reference, degraded input, results; small images enlarged),
+TASK.npz (uint8 NHWC: "images" = all results, "results" (N, K, H, W, C), "reference", "degraded", and the time
+points and seeds) and TASK.json (the resolved run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from . import editing
+from .data import load_digits, load_npz
+from .generate import image_shape, num_classes
+from .io import atomic_write_bytes, save_npz, save_png, to_uint8
+from .networks import PRESETS
+from .preconditioning import EDMDenoiser
+from .sampling import evaluation_sigmas, generators_from_seeds, num_evaluations, randint, randn
+
+TASKS = {
+    "inpaint": "fill the pixels that --mask marks; the others keep the input exactly",
+    "colorize": "colour a grayscale (or RGB) input, keeping its luminance exactly (RGB models only)",
+    "super_resolve": "raise the resolution by --factor, keeping the input's patch means exactly",
+    "denoise": "remove Gaussian noise of level --sigma in one step f(y, sigma), or several (--steps)",
+    "interpolate": "decode the spherical interpolation between the noises of two --seeds, one step per image",
+    "stroke_edit": "turn a stroke painting into a realistic image (SDEdit: noise to t1 = 5.38, then 2 steps)",
+}
+
+DESCRIPTION = """\
+Zero-shot editing with a consistency model (Algorithm 4 of Song et al. 2023): no training for any task.
+
+tasks:
+  inpaint        Fill the pixels that --mask marks (1 = generate): a PNG (white = generate), box:x0,y0,x1,y1,
+                 strokes:SEED (random brush strokes) or center (a centred box, the default). The other pixels keep
+                 the input exactly. Time points: the whole Karras grid of --grid points (40: 39 evaluations).
+  colorize       Colour a grayscale input (or an RGB one, whose colour is discarded); the output keeps the input's
+                 luminance 0.2989 R + 0.5870 G + 0.1140 B exactly. Needs an RGB model. Same time points.
+  super_resolve  Raise the resolution by --factor (dividing the model's size): the input is a low-resolution
+                 image (size/factor) or a full-size one that is reduced; the output keeps its factor x factor patch
+                 means exactly. Same time points.
+  denoise        Add noise of std --sigma to the input (or take it as already noisy with --noisy) and remove it:
+                 f(y, sigma) in one evaluation, or several steps down a Karras grid (--steps 1,2: one column each).
+  interpolate    Decode the spherical interpolation between the noises of two seeds (--seeds A,B; more pairs give
+                 more rows), --num images per strip, one evaluation each; the ends are the seeds' one-step samples.
+  stroke_edit    Turn a stroke painting into an image (SDEdit): x = painting + 5.38 z, then f at 5.38 and 2.24.
+                 --input digits-test:N makes crude paintings from real digits (three flat gray levels).
+
+inputs (--input): an image file (PNG/JPEG), an .npz of uint8 images (key "images", NHWC, as `cmfast sample` writes)
+or digits-test:N (the first N images of the built-in digits test split at the model's size). Grayscale inputs are
+broadcast to RGB models. Result k of input i uses seed SEED + i*SAMPLES + k (denoise: SEED + i, for the added noise
+and any later steps), so results do not depend on --batch.
+Time points: --sigmas, or --ts indexing a Karras grid of --grid points, override the task's default."""
+
+
+def _task(text: str) -> str:
+    name = text.replace("-", "_")
+    if name not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose one of {', '.join(TASKS)}")
+    return name
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_commands(sub) -> None:
+    """Add `edit` to an argparse subparsers object; its handler is set as the `handler` default."""
+    from .cli import _add_model_args, _floats, _ints
+
+    p = sub.add_parser(
+        "edit",
+        help="zero-shot editing: inpaint, colorize, super_resolve, denoise, interpolate, stroke_edit",
+        description=DESCRIPTION,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("task", type=_task, metavar="TASK", help="one of " + ", ".join(TASKS))
+    _add_model_args(p)
+    p.add_argument("--input", help="image file, .npz of uint8 images, or digits-test:N (not for interpolate)")
+    p.add_argument("--mask", default="center", help="inpaint: PNG, box:x0,y0,x1,y1, strokes:SEED or center")
+    p.add_argument("--factor", type=int, default=2, help="super_resolve: the resolution factor")
+    p.add_argument("--sigma", type=float, default=0.3, help="denoise: the noise level")
+    p.add_argument("--noisy", action="store_true", help="denoise: the input already carries noise of level --sigma")
+    p.add_argument("--steps", type=_ints, default="1", help="denoise: evaluations, one column per entry, e.g. 1,2")
+    p.add_argument("--seeds", type=_ints, default="0,1", help="interpolate: pairs of noise seeds, one row per pair")
+    p.add_argument("--num", type=int, default=8, help="interpolate: images per strip")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,10,2")
+    when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
+    p.add_argument("--grid", type=int, default=editing.EDIT_GRID, help="Karras grid size (walked whole by default)")
+    p.add_argument(
+        "--samples", type=int, default=3, help="results per input (inpaint, colorize, super_resolve, stroke_edit)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="result k of input i uses seed SEED + i*SAMPLES + k")
+    p.add_argument("--batch", type=int, default=16, help="images per network call")
+    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
+    p.add_argument("--out", default="edit", help="output directory for TASK.png, TASK.npz and TASK.json")
+    p.set_defaults(handler=cmd_edit)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------------
+
+
+def load_inputs(spec: str, size: int) -> Tensor:
+    """Images from --input as (N, C, H, W) uint8 (digits-test:N at the given size)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits-test":
+        try:
+            n = int(arg)
+        except ValueError:
+            raise ValueError(f"--input {spec}: expected digits-test:N with an integer N")
+        data = load_digits(size, split="test")
+        if not 1 <= n <= len(data):
+            raise ValueError(f"--input {spec}: N must lie in [1, {len(data)}]")
+        return data.images[:n]
+    if spec.lower().endswith(".npz"):
+        return load_npz(spec).images
+    if spec.lower().endswith((".png", ".jpg", ".jpeg")):
+        if not os.path.isfile(spec):
+            raise ValueError(f"--input {spec}: no such file")
+        try:
+            with Image.open(spec) as img:
+                img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
+                array = np.asarray(img)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--input {spec}: cannot decode the image ({err})")
+        array = array[..., None] if array.ndim == 2 else array
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+    raise ValueError(f"--input {spec!r}: expected an image file (.png/.jpg), an .npz of uint8 images or digits-test:N")
+
+
+def _fit_inputs(images: Tensor, spec: str, channels: int, sizes: tuple[int, ...]) -> Tensor:
+    """uint8 (N, C, H, W) -> float [-1, 1] with the model's channels (grayscale broadcast), or a one-line error."""
+    n, c, h, w = images.shape
+    if (h, w) not in [(s, s) for s in sizes]:
+        want = " or ".join(f"{s}x{s}" for s in sizes)
+        raise ValueError(f"--input {spec}: images are {w}x{h} but this task takes {want} (resize them first)")
+    if c != channels and not (c == 1 and channels == 3):
+        raise ValueError(f"--input {spec}: images have {c} channel(s) but the model takes {channels}")
+    return images.float().div(127.5).sub(1).expand(-1, channels, -1, -1)
+
+
+def crude_strokes(images: Tensor) -> Tensor:
+    """A crude stroke painting of each image: averages over blocks of side size/8 (none at 8x8), quantized to three
+    flat levels (-1, 0, 1)."""
+    block = max(1, images.shape[-1] // 8)
+    coarse = F.interpolate(F.avg_pool2d(images, block), scale_factor=block, mode="nearest")
+    return (coarse * 1.5).round().clamp(-1, 1)
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+
+def _check_args(args) -> None:
+    for name in ("batch", "samples", "num", "grid"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    if args.task == "interpolate":
+        if args.input is not None:
+            raise ValueError("interpolate decodes noise from --seeds; it takes no --input")
+        if len(args.seeds) < 2 or len(args.seeds) % 2:
+            raise ValueError(f"--seeds must hold pairs of seeds (A,B[,C,D...]), got {len(args.seeds)}")
+    elif args.input is None:
+        raise ValueError(f"{args.task} needs --input (an image file, an .npz or digits-test:N)")
+    if args.task == "denoise" and any(s < 1 for s in args.steps):
+        raise ValueError(f"--steps must be positive integers, got {args.steps}")
+
+
+def _check_class_label(model, label: int | None) -> None:
+    classes = num_classes(model)
+    if label is not None and classes == 0:
+        raise ValueError("this model is unconditional; drop --class-label")
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--class-label {label} out of range for a model with {classes} classes")
+
+
+def _labels(model, args, gens, device) -> Tensor | None:
+    """The class of each image: --class-label, or drawn from its own generator (class-conditional models only)."""
+    classes = num_classes(model)
+    if not classes:
+        return None
+    if args.class_label is not None:
+        return torch.full((len(gens),), args.class_label, device=device)
+    return randint(classes, len(gens), gens, device=device)
+
+
+def _batched(run, inputs: Tensor, seeds: list[int], batch: int) -> Tensor:
+    """run(inputs[i:j], generators of seeds[i:j]) over chunks of `batch`, concatenated."""
+    outs = []
+    for start in range(0, len(seeds), batch):
+        gens = generators_from_seeds(seeds[start : start + batch])
+        outs.append(run(inputs[start : start + batch], gens))
+    return torch.cat(outs)
+
+
+def cmd_edit(args) -> None:
+    from .checkpoint import load_model
+    from .cli import DTYPES, _check_device, _check_out_dir
+
+    _check_args(args)
+    device = _check_device(args.device)
+    _check_out_dir(args.out)
+    model = load_model(args.model, device=device).eval()
+    if isinstance(model, EDMDenoiser):
+        raise ValueError(f"--model {args.model} is an EDM teacher; editing needs a consistency model")
+    model.autocast_dtype = DTYPES[args.dtype]
+    _check_class_label(model, args.class_label)
+    channels, size, _ = image_shape(model)
+    if args.task == "colorize" and channels != 3:
+        raise ValueError(f"colorize needs an RGB model; {args.model} has {channels} channel(s)")
+    sigmas = None if args.task == "denoise" or args.task == "interpolate" else _task_sigmas(model, args)
+    t0 = time.perf_counter()
+    if args.task == "interpolate":
+        panel = _interpolate(model, args, channels, size, device)
+    else:
+        panel = _edit_inputs(model, args, channels, size, device, sigmas)
+    seconds = time.perf_counter() - t0
+    _write(args, model, panel, sigmas, seconds)
+
+
+def _task_sigmas(model, args) -> list[float]:
+    default = editing.STROKE_SIGMAS if args.task == "stroke_edit" and args.ts is None else None
+    sigmas = editing.edit_sigmas(model, args.sigmas, args.ts, args.grid, default=default)
+    evaluation_sigmas(sigmas, model.sigma_min, model.sigma_max)  # a one-line error now, before loading the inputs
+    return sigmas
+
+
+@dataclass
+class Panel:
+    """What a run produced: the panel's column headers and uint8 NHWC arrays."""
+
+    headers: list[str]  # column headers, left to right
+    results: np.ndarray  # (N, K, H, W, C): K results for each of N inputs (or strips)
+    reference: np.ndarray | None = None  # (N, H, W, C) the clean images, when known
+    degraded: np.ndarray | None = None  # (N, H, W, C) what the editor sees: masked, grayscale, low-res, noisy, strokes
+    seeds: np.ndarray | None = None  # (N, K) the seed of each result
+    extra: dict = field(default_factory=dict)  # more arrays for the .npz
+
+
+def _edit_inputs(model, args, channels, size, device, sigmas) -> Panel:
+    task = args.task
+    sizes = (size, size // args.factor) if task == "super_resolve" and size % args.factor == 0 else (size,)
+    if task == "super_resolve" and size % args.factor:
+        raise ValueError(f"image size {size} is not divisible by the factor {args.factor}")
+    raw = load_inputs(args.input, size)
+    y = _fit_inputs(raw, args.input, channels, sizes).to(device)
+    n = y.shape[0]
+    reference, extra = y, {}
+    if task == "inpaint":
+        mask = editing.make_mask(args.mask, size).to(device)
+        degraded, extra["mask"] = y * (1 - mask), to_uint8(mask[None, None] * 2 - 1)[0, ..., 0]
+        headers = ["reference", "masked"]
+    elif task == "colorize":
+        degraded = editing.luminance(y).expand(-1, 3, -1, -1)
+        headers = ["reference", "grayscale"]
+    elif task == "super_resolve":
+        if y.shape[-1] == size:
+            degraded = editing.patch_means(y, args.factor)
+            headers = ["reference", f"1/{args.factor} res"]
+        else:
+            reference, degraded = None, F.interpolate(y, scale_factor=args.factor, mode="nearest")
+            headers = [f"1/{args.factor} res"]
+    elif task == "stroke_edit":
+        if args.input.startswith("digits-test:"):
+            degraded = crude_strokes(y)
+            headers = ["reference", "strokes"]
+        else:
+            reference, degraded, headers = None, y, ["strokes"]
+    else:
+        return _denoise(model, args, y, device)
+    k = args.samples
+    seeds = [args.seed + i for i in range(n * k)]
+    inputs = degraded.repeat_interleave(k, 0) if task == "stroke_edit" else y.repeat_interleave(k, 0)
+
+    def run(x, gens):
+        labels = _labels(model, args, gens, device)
+        kw = dict(class_labels=labels, generator=gens)
+        if task == "inpaint":
+            return editing.inpaint(model, x, mask, sigmas, **kw)
+        if task == "colorize":
+            return editing.colorize(model, x, sigmas, **kw)
+        if task == "super_resolve":
+            return editing.super_resolve(model, x, args.factor, sigmas, size=size, **kw)
+        return editing.stroke_edit(model, x, sigmas, **kw)
+
+    out = _batched(run, inputs, seeds, args.batch)
+    headers += [f"sample {j + 1}" for j in range(k)]
+    return Panel(
+        headers,
+        to_uint8(out).reshape(n, k, *out.shape[2:], out.shape[1]),
+        None if reference is None else to_uint8(reference),
+        to_uint8(degraded),
+        np.array(seeds).reshape(n, k),
+        extra,
+    )
+
+
+def _denoise(model, args, y, device) -> Panel:
+    n = y.shape[0]
+    seeds = [args.seed + i for i in range(n)]
+    if args.noisy:
+        noisy, reference = y, None
+    else:
+        noise = randn(y.shape, generators_from_seeds(seeds), device=device)
+        noisy, reference = y + args.sigma * noise, y
+    columns = []
+    for steps in args.steps:
+
+        def run(x, gens, steps=steps):
+            if not args.noisy:  # redraw the input's noise, so later steps take fresh draws from the same streams
+                randn(x.shape, gens, device=device)
+            labels = _labels(model, args, gens, device)
+            return editing.denoise(model, x, args.sigma, steps, class_labels=labels, generator=gens)
+
+        columns.append(_batched(run, noisy, seeds, args.batch))
+    out = torch.stack(columns, 1)
+    headers = (["reference"] if reference is not None else []) + [f"noisy {args.sigma:g}"]
+    headers += [f"{s} step" + ("s" if s > 1 else "") for s in args.steps]
+    return Panel(
+        headers,
+        to_uint8(out.flatten(0, 1)).reshape(n, len(args.steps), *out.shape[3:], out.shape[2]),
+        None if reference is None else to_uint8(reference),
+        to_uint8(noisy),
+        np.array(seeds)[:, None].repeat(len(args.steps), 1),
+        {"steps": np.array(args.steps)},
+    )
+
+
+def _interpolate(model, args, channels, size, device) -> Panel:
+    pairs = list(zip(args.seeds[::2], args.seeds[1::2]))
+    z = [randn((channels, size, size), torch.Generator().manual_seed(s)) for pair in pairs for s in pair]
+    z1, z2 = torch.stack(z[::2]).to(device), torch.stack(z[1::2]).to(device)
+    labels = _labels(model, args, generators_from_seeds([a for a, _ in pairs]), device)
+    out = editing.interpolate(model, z1, z2, args.num, class_labels=labels)
+    alphas = np.linspace(0, 1, args.num)
+    return Panel(
+        [f"a = {a:.2f}" for a in alphas],
+        to_uint8(out.flatten(0, 1)).reshape(len(pairs), args.num, *out.shape[3:], out.shape[2]),
+        seeds=np.array(pairs),
+        extra={"alphas": alphas},
+    )
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_panel(rows: list[list[np.ndarray]], headers: list[str], title: str, cell: int = 96) -> np.ndarray:
+    """A labelled grid: `rows` of (H, W, C) uint8 images (small ones enlarged, nearest), column headers on top."""
+    h, w = rows[0][0].shape[:2]
+    scale = max(1, cell // max(h, w))
+    ch, cw, pad = h * scale, w * scale, 6
+    font = _font(max(11, min(16, cw // 7)))
+    ncols = max(len(r) for r in rows)
+    text_h = font.getbbox("Ag")[3] + 6
+    width = max(ncols * (cw + pad) + pad, int(font.getlength(title)) + 2 * pad)
+    height = 2 * text_h + len(rows) * (ch + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 3), title, fill="black", font=font)
+    for j, header in enumerate(headers):
+        x = pad + j * (cw + pad) + (cw - font.getlength(header)) / 2
+        draw.text((max(x, 0), text_h + 2), header, fill=(60, 60, 60), font=font)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            tile = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB")
+            canvas.paste(tile.resize((cw, ch), Image.NEAREST), (pad + j * (cw + pad), 2 * text_h + i * (ch + pad)))
+    return np.asarray(canvas)
+
+
+def _write(args, model, panel: Panel, sigmas, seconds: float) -> None:
+    n, k = panel.results.shape[:2]
+    rows = []
+    for i in range(n):
+        row = [] if panel.reference is None else [panel.reference[i]]
+        row += [] if panel.degraded is None else [panel.degraded[i]]
+        rows.append(row + list(panel.results[i]))
+    if args.task == "denoise":
+        evaluations = list(args.steps)
+    else:
+        evaluations = 1 if sigmas is None else num_evaluations(sigmas, model.sigma_min)
+    count = ", ".join(str(e) for e in evaluations) if isinstance(evaluations, list) else str(evaluations)
+    name = f"{args.model} (random weights)" if args.model in PRESETS else args.model
+    title = f"{args.task} - {name} - {count} evaluation(s) per result"
+    png = os.path.join(args.out, f"{args.task}.png")
+    save_png(png, render_panel(rows, panel.headers, title))
+    arrays = {"images": panel.results.reshape(n * k, *panel.results.shape[2:]), "results": panel.results}
+    if panel.reference is not None:
+        arrays["reference"] = panel.reference
+    if panel.degraded is not None:
+        arrays["degraded"] = panel.degraded
+    arrays.update(seeds=panel.seeds, **panel.extra)
+    if sigmas is not None:
+        arrays["sigmas"] = np.array(sigmas)
+    npz = os.path.join(args.out, f"{args.task}.npz")
+    save_npz(npz, **arrays)
+    run = {
+        "task": args.task,
+        "model": args.model,
+        "input": args.input,
+        "sigmas": sigmas,
+        "evaluations": evaluations,
+        "seed": args.seed,
+        "results": [n, k],
+        "device": str(next(model.parameters()).device),
+        "dtype": args.dtype,
+        "seconds": seconds,
+        "torch": torch.__version__,
+    }
+    run.update({key: getattr(args, key) for key in _TASK_ARGS.get(args.task, ())})
+    atomic_write_bytes(os.path.join(args.out, f"{args.task}.json"), json.dumps(run, indent=2).encode())
+    print(f"wrote {png}, {npz} and {args.task}.json: {n} x {k} results, {count} evaluation(s) each, {seconds:.2f} s")
+
+
+_TASK_ARGS = {
+    "inpaint": ("mask",),
+    "super_resolve": ("factor",),
+    "denoise": ("sigma", "steps", "noisy"),
+    "interpolate": ("seeds", "num"),
+}
