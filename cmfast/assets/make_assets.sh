@@ -9,5 +9,5 @@ cmfast export "$RUNS/digits-edm/model.safetensors" "$ASSETS/digits-edm.safetenso
 cmfast distill --preset digits-cd --teacher "$RUNS/digits-edm/model.safetensors" --steps 2000 \
   --run-dir "$RUNS/digits-cd" --no-progress
 cmfast export "$RUNS/digits-cd/model.safetensors" "$ASSETS/digits-cd.safetensors" --dtype fp16
-cmfast train-ct --preset digits-ct --steps 5000 --run-dir "$RUNS/digits-ct" --no-progress
+cmfast train-ct --preset digits-ict --steps 4000 --run-dir "$RUNS/digits-ct" --no-progress
 cmfast export "$RUNS/digits-ct/model.safetensors" "$ASSETS/digits-ct.safetensors" --dtype fp16

@@ -1,0 +1,34 @@
+"""The shipped digits models load by name and generate images with the statistics of the digits they were trained
+on (a collapsed or corrupt model fails: the reference is the data itself, not the model's earlier output)."""
+
+import pytest
+import torch
+
+from cmfast.checkpoint import SHIPPED, load_model
+from cmfast.data import load_digits
+from cmfast.preconditioning import EDMDenoiser
+from cmfast.sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
+
+
+def pixel_stats(x: torch.Tensor) -> tuple[float, float, float]:
+    """Mean, std and fraction of near-black pixels of images in [-1, 1]."""
+    return float(x.mean()), float(x.std()), float((x < -0.8).float().mean())
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_generates_digit_like_images(name):
+    model = load_model(name).eval()
+    assert model.net.config.img_resolution == 8
+    gens = generators_from_seeds(range(128))
+    noise = randn((128, 1, 8, 8), gens)
+    with torch.no_grad():
+        if isinstance(model, EDMDenoiser):
+            x = heun_sample(model, noise, 18)
+        else:
+            x = sample(model, noise, multistep_sigmas(1))
+    data = load_digits(8, split="test")
+    ref, _ = data.batch(range(len(data)))
+    (m, s, dark), (m_ref, s_ref, dark_ref) = pixel_stats(x), pixel_stats(ref)
+    assert abs(m - m_ref) < 0.15, (m, m_ref)
+    assert 0.7 * s_ref < s < 1.3 * s_ref, (s, s_ref)
+    assert abs(dark - dark_ref) < 0.15, (dark, dark_ref)
