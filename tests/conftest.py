@@ -1,8 +1,15 @@
 """Shared test helpers. Everything runs on CPU."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Triton reads TRITON_INTERPRET when it is first imported (torch._dynamo imports it too), so the CPU interpreter has to
+# be chosen before any test module runs; without CUDA, the kernel tests run through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class RecordingNet(nn.Module):

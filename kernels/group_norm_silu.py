@@ -1,0 +1,438 @@
+"""GroupNorm + SiLU, GroupNorm alone and ADM's scale-shift form in one fused op: forward and backward (issue 6, item 1).
+
+    y = act(xhat a + t),  xhat = (x - mean_g) rstd_g,  a = weight (1 + scale),  t = bias (1 + scale) + shift
+
+act is SiLU (or the identity for silu=False); scale and shift are ADM's per-(sample, channel) embedding terms
+(0 without the scale-shift form), so this is norm(x) * (1 + scale) + shift then SiLU. Statistics and arithmetic are
+float32 whatever x's dtype (float32, bfloat16 or float16), and y is rounded once. x is (B, C, *spatial), NCHW-
+contiguous or channels_last; a group is C / G channels by H x W positions, addressed as a [BLOCK_C, BLOCK_P] tile.
+
+Two paths, picked by the launcher from the group's padded size:
+- fused: one program per (sample, group) holds the whole group: x is read once, y written once (and mean, rstd).
+- split: a larger group is cut into chunks of H x W. A first kernel writes each chunk's mean and centred sum of
+  squares, they are merged with Chan et al.'s parallel-variance formula in float32, and a second kernel normalizes:
+  x is read twice, y written once.
+The backward follows the same split. With dz = dy act'(xhat a + t) and the per-(sample, channel) sums
+sum_a = sum over H x W of dz xhat and sum_b = sum over H x W of dz, it computes
+dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)), the group means being sum_c a sum_b / n and
+sum_c a sum_a / n, and from the sums the parameter gradients (summed over the batch for weight and bias):
+dweight = sum_a (1 + scale), dbias = sum_b (1 + scale), dscale = sum_a weight + sum_b bias, dshift = sum_b.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .skip_out import memory_format, per_sample_numel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference below still works; cmfast.ops reports why the Triton backend was skipped
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+MAX_FUSED_FWD = 32768  # padded group elements one forward program holds (16 warps: 64 float32 per thread)
+MAX_FUSED_BWD = 16384  # the backward keeps x, dy and dz live, so it splits earlier
+CHUNK = 4096  # padded elements per program in the split path
+MAX_CHANNELS_PER_GROUP = 4096
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# --- 1. PyTorch reference -------------------------------------------------------------------------------------------
+
+
+def group_norm_silu_ref(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int = 32,
+    eps: float = 1e-5,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = True,
+) -> Tensor:
+    """What the networks compute today: GroupNorm in float32 (ADM's GroupNorm32) cast back to x's dtype, then
+    `* (1 + scale) + shift` and SiLU in x's dtype. x: (B, C, *spatial); weight, bias: (C,); scale, shift: B x C
+    values (e.g. (B, C, 1, 1))."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    w = weight.to(compute) if weight is not None else None
+    b = bias.to(compute) if bias is not None else None
+    h = F.group_norm(x.to(compute), num_groups, w, b, eps).to(x.dtype)
+    if scale is not None:
+        shape = (*x.shape[:2], *[1] * (x.dim() - 2))
+        h = h * (1 + scale.reshape(shape)) + shift.reshape(shape)
+    return F.silu(h) if silu else h
+
+
+# --- 2. kernels ------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Sample b, channels c, the channel mask, and offsets and mask of chunk `chunk` of group pid % G."""
+    b = pid // G
+    ci = tl.arange(0, BLOCK_C)
+    c = (pid % G) * cpg + ci
+    p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = ci < cpg
+    mask = cmask[:, None] & (p < HW)[None, :]
+    offs = b.to(tl.int64) * stride_b + c[:, None] * stride_c + p[None, :] * stride_p
+    return b, c, cmask, offs, mask
+
+
+@_jit
+def _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT: tl.constexpr):
+    """Per-channel a = weight (1 + scale) and t = bias (1 + scale) + shift (0 on masked channels)."""
+    a = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    t = tl.load(Bias + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE_SHIFT:
+        s1 = 1.0 + tl.load(Scale + b * ss_b + c * ss_c, mask=cmask, other=0.0).to(tl.float32)
+        a = a * s1
+        t = t * s1 + tl.load(Shift + b * st_b + c * st_c, mask=cmask, other=0.0).to(tl.float32)
+    return a, t
+
+
+@_jit
+def _gn_fwd_kernel(
+    X,  # (B, C, HW) input, element (b, c, p) at b stride_b + c stride_c + p stride_p
+    Y,  # output, same layout, written once
+    W,  # (C,) weight
+    Bias,  # (C,) bias
+    Scale,  # (B, C) ADM scale at b ss_b + c ss_c; read only when HAS_SCALE_SHIFT
+    Shift,  # (B, C) ADM shift at b st_b + c st_c; read only when HAS_SCALE_SHIFT
+    Mean,  # (B, G) float32 group means: written when COMPUTE_STATS, else read
+    Rstd,  # (B, G) float32 reciprocal standard deviations, likewise
+    HW,
+    G,
+    cpg,  # channels per group
+    stride_b,
+    stride_c,
+    stride_p,
+    ss_b,
+    ss_c,
+    st_b,
+    st_c,
+    eps,
+    COMPUTE_STATS: tl.constexpr,  # the program holds the whole group (fused path)
+    HAS_SCALE_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * G + g
+    b, c, cmask, offs, mask = _tile(pid, tl.program_id(1), G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if COMPUTE_STATS:
+        n = cpg * HW
+        mean = tl.sum(x) / n
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc) / n + eps)
+        tl.store(Mean + pid, mean)
+        tl.store(Rstd + pid, rstd)
+    else:
+        mean = tl.load(Mean + pid)
+        rstd = tl.load(Rstd + pid)
+        xc = x - mean
+    a, t = _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT)
+    z = xc * rstd * a[:, None] + t[:, None]
+    if SILU:
+        z = z * tl.sigmoid(z)
+    tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _gn_stats_kernel(
+    X,  # (B, C, HW) input, as in _gn_fwd_kernel
+    PartMean,  # (B G, n_chunks) float32 chunk means
+    PartM2,  # (B G, n_chunks) float32 chunk sums of squared deviations from the chunk mean
+    HW,
+    G,
+    cpg,
+    stride_b,
+    stride_c,
+    stride_p,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid, chunk = tl.program_id(0), tl.program_id(1)
+    _, _, _, offs, mask = _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    n = cpg * tl.minimum(HW - chunk * BLOCK_P, BLOCK_P)
+    mean = tl.sum(x) / n
+    xc = tl.where(mask, x - mean, 0.0)
+    tl.store(PartMean + pid * tl.num_programs(1) + chunk, mean)
+    tl.store(PartM2 + pid * tl.num_programs(1) + chunk, tl.sum(xc * xc))
+
+
+@_jit
+def _gn_bwd_dz(X, DY, offs, mask, mean, rstd, a, t, SILU: tl.constexpr):
+    """xhat and dz = dy act'(xhat a + t) on one tile, both 0 outside the mask."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    if SILU:
+        z = xhat * a[:, None] + t[:, None]
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return xhat, tl.where(mask, dy, 0.0)
+
+
+@_jit
+def _gn_bwd_sums_kernel(
+    X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
+    DY,  # gradient of y, same layout
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,  # (B, G) float32 statistics from the forward
+    Rstd,
+    PartA,  # (B G, n_chunks, BLOCK_C) float32 partial sums of dz xhat per channel
+    PartB,  # (B G, n_chunks, BLOCK_C) float32 partial sums of dz per channel
+    HW,
+    G,
+    cpg,
+    stride_b,
+    stride_c,
+    stride_p,
+    ss_b,
+    ss_c,
+    st_b,
+    st_c,
+    HAS_SCALE_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid, chunk = tl.program_id(0), tl.program_id(1)
+    b, c, cmask, offs, mask = _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    a, t = _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT)
+    xhat, dz = _gn_bwd_dz(X, DY, offs, mask, tl.load(Mean + pid), tl.load(Rstd + pid), a, t, SILU)
+    out = (pid * tl.num_programs(1) + chunk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(PartA + out, tl.sum(dz * xhat, axis=1))
+    tl.store(PartB + out, tl.sum(dz, axis=1))
+
+
+@_jit
+def _gn_bwd_dx_kernel(
+    X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
+    DY,  # gradient of y, same layout
+    DX,  # gradient of x, same layout, written once
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,  # (B, G) float32 statistics from the forward
+    Rstd,
+    SumA,  # (B, C) float32 sums of dz xhat: written when COMPUTE_SUMS, else read
+    SumB,  # (B, C) float32 sums of dz, likewise
+    HW,
+    G,
+    cpg,
+    stride_b,
+    stride_c,
+    stride_p,
+    ss_b,
+    ss_c,
+    st_b,
+    st_c,
+    COMPUTE_SUMS: tl.constexpr,  # the program holds the whole group (fused path)
+    HAS_SCALE_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b, c, cmask, offs, mask = _tile(pid, tl.program_id(1), G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    a, t = _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT)
+    rstd = tl.load(Rstd + pid)
+    xhat, dz = _gn_bwd_dz(X, DY, offs, mask, tl.load(Mean + pid), rstd, a, t, SILU)
+    sums = b * G * cpg + c
+    if COMPUTE_SUMS:
+        sum_a = tl.sum(dz * xhat, axis=1)
+        sum_b = tl.sum(dz, axis=1)
+        tl.store(SumA + sums, sum_a, mask=cmask)
+        tl.store(SumB + sums, sum_b, mask=cmask)
+    else:
+        sum_a = tl.load(SumA + sums, mask=cmask, other=0.0)
+        sum_b = tl.load(SumB + sums, mask=cmask, other=0.0)
+    n = cpg * HW
+    mean_dxhat = tl.sum(a * sum_b) / n
+    mean_dxhat_xhat = tl.sum(a * sum_a) / n
+    dx = rstd * (dz * a[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- 3. launchers ----------------------------------------------------------------------------------------------------
+
+
+def unsupported(x: Tensor, num_groups: int) -> list[str]:
+    """Why the Triton kernels cannot take these inputs (empty when they can). Shapes are checked by cmfast.ops."""
+    reasons = []
+    if x.dtype not in _DTYPES:
+        reasons.append(f"x is {x.dtype}; the kernels take float32, bfloat16 or float16")
+    cpg = x.shape[1] // num_groups
+    if cpg > MAX_CHANNELS_PER_GROUP:
+        reasons.append(f"{cpg} channels per group exceed {MAX_CHANNELS_PER_GROUP}")
+    elif _plan(cpg, _hw(x), 1)[2] > 65535:
+        reasons.append(f"{_hw(x)} positions per channel need more chunks than the grid allows")
+    if per_sample_numel(x) >= 2**31:
+        reasons.append(f"{per_sample_numel(x)} elements per sample overflow the kernels' 32-bit offsets")
+    return reasons
+
+
+def _hw(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def _plan(cpg: int, hw: int, max_fused: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, n_chunks): the whole group in one tile when it fits in max_fused, else CHUNK-sized tiles."""
+    block_c, block_p = _next_power_of_2(cpg), _next_power_of_2(hw)
+    if block_c * block_p <= max_fused:
+        return block_c, block_p, 1
+    block_p = max(1, CHUNK // block_c)
+    return block_c, block_p, -(-hw // block_p)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _num_warps(block_c: int, block_p: int) -> int:
+    return min(16, max(2, block_c * block_p // 1024))
+
+
+def _layout(x: Tensor, scale: Tensor | None, shift: Tensor | None):
+    """x made contiguous in its memory format, that format, and the launch's shape and stride arguments."""
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    C, hw = x.shape[1], _hw(x)
+    strides = (hw * C, 1, C) if fmt == torch.channels_last else (C * hw, hw, 1)  # (b, c, p) of a dense layout
+    ss = (scale.stride(0), scale.stride(1), shift.stride(0), shift.stride(1)) if scale is not None else (0, 0, 0, 0)
+    return x, fmt, hw, strides, ss
+
+
+def _check(x: Tensor, num_groups: int) -> None:
+    reasons = unsupported(x, num_groups)
+    if reasons:
+        raise ValueError("group_norm_silu Triton kernels: " + "; ".join(reasons))
+
+
+def group_norm_silu_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward. x: (B, C, *spatial); weight, bias: (C,); scale, shift: (B, C) (any strides) or None.
+    Returns y (x's dtype and layout) and the float32 (B, G) mean and rstd the backward needs."""
+    _check(x, num_groups)
+    x, fmt, hw, strides, ss = _layout(x, scale, shift)
+    B, C, G = x.shape[0], x.shape[1], num_groups
+    cpg = C // G
+    y = torch.empty_like(x, memory_format=fmt)
+    block_c, block_p, n_chunks = _plan(cpg, hw, MAX_FUSED_FWD)
+    has_ss = scale is not None
+    scale, shift = (scale, shift) if has_ss else (weight, weight)  # placeholders, never read
+    meta = dict(HAS_SCALE_SHIFT=has_ss, SILU=bool(silu), BLOCK_C=block_c, BLOCK_P=block_p,
+                num_warps=_num_warps(block_c, block_p))  # fmt: skip
+    if y.numel() == 0:
+        return y, x.new_zeros((B, G), dtype=torch.float32), x.new_zeros((B, G), dtype=torch.float32)
+    if n_chunks == 1:
+        mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        _gn_fwd_kernel[(B * G,)](
+            x, y, weight, bias, scale, shift, mean, rstd, hw, G, cpg, *strides, *ss, float(eps), COMPUTE_STATS=True,
+            **meta,
+        )  # fmt: skip
+        return y, mean, rstd
+    part_mean = torch.empty((B * G, n_chunks), dtype=torch.float32, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    _gn_stats_kernel[(B * G, n_chunks)](
+        x, part_mean, part_m2, hw, G, cpg, *strides, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=meta["num_warps"]
+    )
+    # Chan et al.: merge the chunks' (count, mean, M2) into the group's
+    count = cpg * (hw - block_p * torch.arange(n_chunks, device=x.device)).clamp(max=block_p).float()
+    n = cpg * hw
+    mean = (part_mean * count).sum(1) / n
+    m2 = part_m2.sum(1) + (count * (part_mean - mean[:, None]) ** 2).sum(1)
+    mean, rstd = mean.view(B, G), torch.rsqrt(m2 / n + eps).view(B, G)
+    _gn_fwd_kernel[(B * G, n_chunks)](
+        x, y, weight, bias, scale, shift, mean, rstd, hw, G, cpg, *strides, *ss, float(eps), COMPUTE_STATS=False,
+        **meta,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def group_norm_silu_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Launch the backward: dx (x's dtype and layout), dweight, dbias, and dscale, dshift as (B, C) (None without
+    the scale-shift form), each in its input's dtype."""
+    _check(x, num_groups)
+    x, fmt, hw, strides, ss = _layout(x, scale, shift)
+    dy = dy.contiguous(memory_format=fmt)
+    B, C, G = x.shape[0], x.shape[1], num_groups
+    cpg = C // G
+    dx = torch.empty_like(x, memory_format=fmt)
+    block_c, block_p, n_chunks = _plan(cpg, hw, MAX_FUSED_BWD)
+    has_ss = scale is not None
+    s_arg, t_arg = (scale, shift) if has_ss else (weight, weight)  # placeholders, never read
+    meta = dict(HAS_SCALE_SHIFT=has_ss, SILU=bool(silu), BLOCK_C=block_c, BLOCK_P=block_p,
+                num_warps=_num_warps(block_c, block_p))  # fmt: skip
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    if dx.numel() == 0:
+        sum_a = sum_b = x.new_zeros((B, C), dtype=torch.float32)
+    elif n_chunks == 1:
+        sum_a = torch.empty((B, C), dtype=torch.float32, device=x.device)
+        sum_b = torch.empty_like(sum_a)
+        _gn_bwd_dx_kernel[(B * G,)](
+            x, dy, dx, weight, bias, s_arg, t_arg, mean, rstd, sum_a, sum_b, hw, G, cpg, *strides, *ss,
+            COMPUTE_SUMS=True, **meta,
+        )  # fmt: skip
+    else:
+        part_a = torch.empty((B * G, n_chunks, block_c), dtype=torch.float32, device=x.device)
+        part_b = torch.empty_like(part_a)
+        _gn_bwd_sums_kernel[(B * G, n_chunks)](
+            x, dy, weight, bias, s_arg, t_arg, mean, rstd, part_a, part_b, hw, G, cpg, *strides, *ss, **meta
+        )
+        sum_a = part_a.sum(1)[:, :cpg].reshape(B, C)
+        sum_b = part_b.sum(1)[:, :cpg].reshape(B, C)
+        _gn_bwd_dx_kernel[(B * G, n_chunks)](
+            x, dy, dx, weight, bias, s_arg, t_arg, mean, rstd, sum_a, sum_b, hw, G, cpg, *strides, *ss,
+            COMPUTE_SUMS=False, **meta,
+        )  # fmt: skip
+    return (dx, *param_grads(sum_a, sum_b, weight, bias, scale, shift))
+
+
+def param_grads(sum_a: Tensor, sum_b: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None):
+    """dweight, dbias, dscale, dshift (None, None without scale and shift), each in its input's dtype, from the
+    (B, C) per-channel sums of dz xhat and dz (float32, or float64 for float64 inputs)."""
+    if scale is None:
+        return sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype), None, None
+    s1 = 1 + scale.to(sum_a.dtype)
+    dscale = sum_a * weight.to(sum_a.dtype) + sum_b * bias.to(sum_a.dtype)
+    return (
+        (sum_a * s1).sum(0).to(weight.dtype),
+        (sum_b * s1).sum(0).to(bias.dtype),
+        dscale.to(scale.dtype),
+        sum_b.to(shift.dtype),
+    )

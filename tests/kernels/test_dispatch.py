@@ -1,0 +1,207 @@
+"""Backend dispatch of cmfast.ops: order, reasons, CMFAST_BACKEND, errors; the torch.library registration (opcheck,
+torch.compile); and the PyTorch backward the registered ops carry, against autograd of the references.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton decorates functions, so before it is imported
+
+from cmfast.kernels import group_norm_silu as _gn  # noqa: E402
+from cmfast.kernels import skip_out as _so  # noqa: E402
+
+from cmfast import ops  # noqa: E402
+
+HAVE_TRITON = _so.triton is not None
+INTERPRETED = HAVE_TRITON and ops._interpreted(_so)
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1")
+EPS, SD = 0.002, 0.5
+
+
+@pytest.fixture(autouse=True)
+def no_backend_override(monkeypatch):
+    monkeypatch.delenv("CMFAST_BACKEND", raising=False)
+
+
+def skip_out_inputs(dtype=torch.float32, B=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 2, 3, 5, generator=g, dtype=dtype)
+    return x, torch.randn(B, 2, 3, 5, generator=g, dtype=dtype), torch.linspace(EPS, 80, B, dtype=torch.float64)
+
+
+def gn_inputs(B=2, C=12, scale_shift=True, requires_grad=False):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(B, C, 3, 5, generator=g) * 2 + 1, 1 + 0.2 * torch.randn(C, generator=g),
+               0.2 * torch.randn(C, generator=g)]  # fmt: skip
+    tensors += (
+        [0.3 * torch.randn(B, C, generator=g), 0.3 * torch.randn(B, C, generator=g)] if scale_shift else [None] * 2
+    )
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in tensors]
+
+
+# --- dispatch order and reasons --------------------------------------------------------------------------------------
+
+
+@needs_interpreter
+def test_automatic_choice_skips_the_unbuilt_extension_with_its_reason():
+    choice = ops.explain("skip_out", *skip_out_inputs(), EPS, SD)
+    assert choice.backend == "triton"
+    assert list(choice.skipped) == ["cuda"] and "not built" in choice.skipped["cuda"]
+
+
+def test_float64_falls_back_to_torch_with_a_reason():
+    choice = ops.explain("group_norm_silu", torch.randn(2, 8, 3, 3, dtype=torch.float64), None, None, 4)
+    assert choice.backend == "torch"
+    assert "not built" in choice.skipped["cuda"]
+    if HAVE_TRITON:
+        assert "torch.float64" in choice.skipped["triton"]
+
+
+def test_reasons_for_triton_environment(monkeypatch):
+    x, F, sigma = skip_out_inputs()
+    monkeypatch.setattr(_so, "triton", None)
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"] == "triton is not installed"
+    monkeypatch.undo()
+    if not HAVE_TRITON:
+        return
+    monkeypatch.setattr(ops, "_interpreted", lambda module: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "need the Triton interpreter" in ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "was set after triton was imported" in ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"]
+    meta = [t.to("meta") for t in (x, F, sigma)]
+    assert "not on meta" in ops.explain("skip_out", *meta, EPS, SD).skipped["triton"]
+
+
+def test_requested_backend_that_cannot_run_raises_with_reasons(monkeypatch):
+    x, F, sigma = skip_out_inputs()
+    with pytest.raises(ops.BackendError, match="'cuda' .*not built"):
+        ops.skip_out(x, F, sigma, EPS, SD, backend="cuda")
+    if HAVE_TRITON:
+        with pytest.raises(ops.BackendError, match="'triton' .*CMFAST_BACKEND.*torch.float64"):
+            monkeypatch.setenv("CMFAST_BACKEND", "triton")
+            ops.skip_out(x.double(), F.double(), sigma, EPS, SD)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        ops.skip_out(x, F, sigma, EPS, SD, backend="gpu")
+
+
+def test_environment_override(monkeypatch):
+    x, F, sigma = skip_out_inputs()
+    monkeypatch.setenv("CMFAST_BACKEND", "torch")
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD) == ops.Choice("torch", {})
+    monkeypatch.setenv("CMFAST_BACKEND", "auto")
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["cuda"]
+    monkeypatch.setenv("CMFAST_BACKEND", "TPU")
+    with pytest.raises(ValueError, match="'tpu' \\(CMFAST_BACKEND\\)"):
+        ops.skip_out(x, F, sigma, EPS, SD)
+    monkeypatch.setenv("CMFAST_BACKEND", "triton")
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD, backend="torch").backend == "torch"  # the argument wins
+
+
+def test_invalid_inputs_raise_for_every_backend():
+    x, F, sigma = skip_out_inputs()
+    with pytest.raises(ValueError, match="sigma has 2 entries but the batch has 3"):
+        ops.skip_out(x, F, sigma[:2], EPS, SD)
+    with pytest.raises(ValueError, match="F has shape"):
+        ops.skip_out(x, F[:, :1], sigma, EPS, SD)
+    with pytest.raises(ValueError, match="12 channels do not split into num_groups=5"):
+        ops.group_norm_silu(torch.randn(1, 12, 2, 2), None, None, 5)
+    with pytest.raises(ValueError, match="both scale and shift"):
+        ops.group_norm_silu(torch.randn(1, 12, 2, 2), None, None, 4, scale=torch.randn(1, 12))
+    with pytest.raises(ValueError, match="B x C = 2 x 12"):
+        ops.group_norm_silu(torch.randn(2, 12, 2, 2), None, None, 4, scale=torch.randn(12), shift=torch.randn(12))
+    with pytest.raises(ValueError, match="unknown op"):
+        ops.explain("attention", x)
+
+
+@needs_interpreter
+@pytest.mark.triton
+def test_backends_agree():
+    x, F, sigma = skip_out_inputs()
+    torch.testing.assert_close(ops.skip_out(x, F, sigma, EPS, SD, True, "triton"),
+                               ops.skip_out(x, F, sigma, EPS, SD, True, "torch"))  # fmt: skip
+    args = gn_inputs()
+    torch.testing.assert_close(ops.group_norm_silu(*args[:3], 4, 1e-5, *args[3:], backend="triton"),
+                               ops.group_norm_silu(*args[:3], 4, 1e-5, *args[3:], backend="torch"))  # fmt: skip
+
+
+# --- the torch.library registration ----------------------------------------------------------------------------------
+
+
+def opcheck_cases(backend):
+    x, F, sigma = skip_out_inputs()
+    x.requires_grad_(), F.requires_grad_()
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    gn = gn_inputs(requires_grad=True)
+    gn_plain = gn_inputs(C=8, scale_shift=False, requires_grad=True)
+    gn_cl = [gn[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(), *gn[1:]]
+    with torch.no_grad():
+        y, mean, rstd = torch.ops.cmfast.group_norm_silu(*gn, 4, 1e-5, True, "torch")
+    dy = torch.randn_like(y)
+    plain = (x.detach(), F.detach())
+    return [
+        (torch.ops.cmfast.skip_out.default, (x, F, sigma, EPS, SD, True, backend)),
+        (torch.ops.cmfast.skip_out.default, (x_cl, F, sigma, EPS, SD, False, backend)),
+        (torch.ops.cmfast.skip_out_backward.default, (torch.randn_like(x), sigma, *plain, EPS, SD, True, backend)),
+        (torch.ops.cmfast.group_norm_silu.default, (*gn, 4, 1e-5, True, backend)),
+        (torch.ops.cmfast.group_norm_silu.default, (*gn_plain, 2, 1e-6, False, backend)),
+        (torch.ops.cmfast.group_norm_silu.default, (*gn_cl, 4, 1e-5, True, backend)),
+        (torch.ops.cmfast.group_norm_silu_backward.default,
+         (dy, *[t.detach() for t in gn], mean, rstd, 4, True, backend)),
+        (torch.ops.cmfast.heun_step.default, (*plain, sigma, sigma / 2, None, SD, False, backend)),
+        (torch.ops.cmfast.heun_step.default, (*plain, sigma, sigma / 2, x.detach() * 0.5, SD, True, backend)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter])])
+def test_opcheck(backend):
+    for op, args in opcheck_cases(backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]), None]
+)
+def test_torch_compile_traces_the_ops_in_one_graph(backend):
+    """A block that uses all three ops compiles with fullgraph=True; values and gradients match eager."""
+
+    def block(x, w, b, scale, shift, sigma):
+        h = ops.group_norm_silu(x, w, b, 4, 1e-5, scale, shift, backend=backend)
+        with torch.no_grad():
+            target = ops.heun_step(x.detach(), h.detach(), sigma, sigma / 2, backend=backend)
+        return ops.skip_out(x, h, sigma, EPS, SD, clamp=True, backend=backend), target
+
+    x, w, b, scale, shift = gn_inputs(requires_grad=True)
+    sigma = torch.tensor([0.5, 3.0])
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    eager_out, eager_target = block(x, w, b, scale, shift, sigma)
+    out, target = compiled(x, w, b, scale, shift, sigma)
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(target, eager_target)
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b, scale, shift))
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), (x, w, b, scale, shift))
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# --- the registered ops' PyTorch backward ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_registered_torch_backward_matches_autograd_of_the_reference(scale_shift, silu, channels_last):
+    x, w, b, scale, shift = [t.double() if t is not None else None for t in gn_inputs(B=3, scale_shift=scale_shift)]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [t.requires_grad_() for t in (x, w, b, scale, shift) if t is not None]
+    dy = torch.randn_like(x)
+    y = torch.ops.cmfast.group_norm_silu(x, w, b, scale, shift, 4, 1e-5, silu, "torch")[0]
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref = _gn.group_norm_silu_ref(x, w, b, 4, 1e-5, scale, shift, silu)
+    torch.testing.assert_close(y, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, inputs, dy)):
+        torch.testing.assert_close(g, r)

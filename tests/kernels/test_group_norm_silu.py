@@ -1,0 +1,143 @@
+"""Fused GroupNorm+SiLU (cmfast.kernels.group_norm_silu) against autograd of the float64 reference: forward and
+every gradient, for GroupNorm+SiLU, GroupNorm alone and ADM's scale-shift form, NCHW and channels_last, both the
+one-program-per-group path and the split path, and the paper's channel counts.
+
+CPU runs go through Triton's interpreter (marker `triton`), CUDA runs use the networks' shapes (marker `cuda`).
+Tolerance: the kernel's error against float64 is at most twice PyTorch's own error in the same dtype plus a floor.
+"""
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton decorates functions, so before it is imported
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from cmfast.kernels import group_norm_silu as K  # noqa: E402
+
+from cmfast import ops  # noqa: E402
+
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FORMS = ["silu", "norm", "scale_shift"]
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.triton),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif("not torch.cuda.is_available()")]),
+]
+# (B, C, H, W, groups): odd H x W, C not a power of two, batch 1 and 3
+SHAPES = {
+    "cpu": [(3, 96, 5, 7, 32), (1, 40, 3, 3, 10)],
+    "cuda": [(3, 192, 33, 31, 32), (1, 576, 17, 15, 32), (2, 1152, 8, 8, 32), (1, 256, 64, 64, 32)],
+}
+
+
+@pytest.fixture
+def device(request):
+    if request.param == "cpu" and not ops._interpreted(K):
+        pytest.skip("triton was imported without TRITON_INTERPRET=1, so CPU tensors cannot run its kernels")
+    return request.param
+
+
+@contextmanager
+def poisoned_outputs():
+    """Fill every tensor torch.empty/empty_like allocates with NaN, so an element a kernel fails to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+        mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+        yield
+
+
+def assert_within_rule(out, ref64, torch_out, dtype, what):
+    assert not out.isnan().any(), f"{what}: NaN left in the output (a missed write)"
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + FLOOR[dtype] * max(ref64.abs().max().item(), 1.0)
+    assert err <= bound, f"{what}: error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + floor {bound - 2 * torch_err:.3g}"
+
+
+def make_inputs(shape, form, dtype, device, channels_last, seed=0):
+    """x, weight, bias, scale, shift (ADM's view of a (B, 2C, 1, 1) embedding), and an upstream gradient."""
+    B, C, H, W, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g) * 2 + torch.randn(1, C, 1, 1, generator=g)
+    weight = 1 + 0.3 * torch.randn(C, generator=g)
+    bias = 0.3 * torch.randn(C, generator=g)
+    dy = torch.randn(B, C, H, W, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, dy = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x, dy))
+    weight, bias = weight.to(device, dtype), bias.to(device, dtype)
+    scale = shift = None
+    if form == "scale_shift":
+        scale, shift = (0.5 * torch.randn(B, 2 * C, 1, 1, generator=g)).to(device, dtype).chunk(2, dim=1)
+    return x, weight, bias, scale, shift, dy
+
+
+def run(inputs, groups, form, backend, cast=None):
+    """y and the gradients of every tensor input, through cmfast.ops (cast: e.g. torch.float64 for the reference)."""
+    tensors = [t.to(cast) if cast is not None and t is not None else t for t in inputs]
+    x, weight, bias, scale, shift, dy = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    y = ops.group_norm_silu(x, weight, bias, groups, 1e-5, scale, shift, silu=form != "norm", backend=backend)
+    y.backward(dy.detach())
+    return {"y": y.detach(), "dx": x.grad, "dweight": weight.grad, "dbias": bias.grad} | (
+        {"dscale": scale.grad, "dshift": shift.grad} if scale is not None else {}
+    )
+
+
+def check(shape, form, dtype, device, channels_last, seed=0):
+    inputs = make_inputs(shape, form, dtype, device, channels_last, seed)
+    with poisoned_outputs():
+        fused = run(inputs, shape[-1], form, "triton")
+    ref = run(inputs, shape[-1], form, "torch", cast=torch.float64)
+    low = run(inputs, shape[-1], form, "torch")
+    for name, value in fused.items():
+        assert value.dtype == dtype and value.shape == ref[name].shape, name
+        assert_within_rule(value, ref[name], low[name], dtype, f"{name} of {form} {shape}")
+    assert fused["y"].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert fused["dx"].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_path(device, dtype, form, channels_last):
+    for i, shape in enumerate(SHAPES[device]):
+        check(shape, form, dtype, device, channels_last, seed=i)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_split_path(device, dtype, form, monkeypatch):
+    """Groups too big for one program: chunked statistics and gradients, with a partial last chunk."""
+    monkeypatch.setattr(K, "MAX_FUSED_FWD", 64)
+    monkeypatch.setattr(K, "MAX_FUSED_BWD", 64)
+    monkeypatch.setattr(K, "CHUNK", 64)  # 3 channels per group -> BLOCK_C 4, BLOCK_P 16: 99 = 6 x 16 + 3 positions
+    assert K._plan(3, 99, 64)[2] == 7
+    check((3, 24, 9, 11, 8), form, dtype, device, channels_last=form == "norm")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("channels", [64, 192, 576, 1152, 1536])
+def test_paper_channel_counts(device, channels):
+    """Every GroupNorm width of the paper's networks with 32 groups (2 to 48 channels per group)."""
+    hw = (3, 5) if device == "cpu" else (32, 32)
+    check((1, channels, *hw, 32), "scale_shift", torch.float32, device, channels_last=channels == 576)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_songunet_groups_and_eps(device):
+    """DDPM++'s GroupNorm: min(32, C // 4) groups and eps 1e-6, without weight or bias given."""
+    x = torch.randn(3, 12, 5, 3, device=device) * 3 + 1
+    with poisoned_outputs():
+        y = ops.group_norm_silu(x, None, None, num_groups=3, eps=1e-6, backend="triton")
+    torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 3, eps=1e-6)))
