@@ -213,6 +213,7 @@ SHIPPED = {  # models trained by the project's own commands (cmfast/assets/READM
     "digits-edm": "EDM teacher on the 8x8 digits (Heun sampler)",
     "digits-cd": "consistency distillation of digits-edm",
     "digits-ct": "consistency training from scratch on the 8x8 digits",
+    "digits-rgb-cd": "consistency distillation on coloured 8x8 digits (3 channels, for colorization)",
 }
 
 

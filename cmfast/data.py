@@ -115,13 +115,23 @@ def digits_split(split: str = "train") -> np.ndarray:
     return np.flatnonzero(test if split == "test" else ~test)
 
 
-def load_digits(size: int = 16, split: str = "train") -> ImageDataset:
+def digit_colors(indices: np.ndarray) -> torch.Tensor:
+    """(N, 3) RGB colours in (0, 1] for digits by their index in the full set: hue = frac(index * golden ratio),
+    saturation 0.85, value 1, so neighbouring indices get far-apart hues and every digit keeps its colour."""
+    hue = (np.asarray(indices, dtype=np.float64) * 0.6180339887498949) % 1.0
+    k = (np.array([5.0, 3.0, 1.0])[None] + hue[:, None] * 6) % 6  # the standard HSV -> RGB formula
+    rgb = 1 - 0.85 * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return torch.from_numpy(rgb)
+
+
+def load_digits(size: int = 16, split: str = "train", color: bool = False) -> ImageDataset:
     """The handwritten digits that ship with scikit-learn (no download): 1797 images, 10 classes, 1 channel.
 
     The 8x8 originals hold 0..16; they become uint8 round(x * 255 / 16). `size` is a power of two >= 8: 8 keeps the
     originals, larger sizes are upsampled bilinearly (align_corners=False; antialias only matters when shrinking, so
     it is off) from the unrounded 0..255 values and rounded once. Bilinear gives smooth strokes, where nearest would
     teach a generative model 8x8 blocks. `split`: "train" (1497), "test" (300) or "all" (1797); see `digits_split`.
+    color=True gives 3-channel digits, each in its own colour (`digit_colors`): a small RGB set for colorization.
     """
     if size < 8 or size & (size - 1):
         raise DataError(f"digits: size must be a power of two >= 8, got {size}")
@@ -132,9 +142,12 @@ def load_digits(size: int = 16, split: str = "train") -> ImageDataset:
     x = torch.from_numpy(raw.images[idx]).unsqueeze(1) * (255 / 16)  # (N, 1, 8, 8) float64
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    if color:
+        x = x * digit_colors(idx)[:, :, None, None]
     images = x.round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(raw.target[idx]).to(torch.int64)
-    return ImageDataset(images, labels, 10, f"digits{size}-{split}", tuple(str(c) for c in range(10)))
+    name = f"digits{'-rgb' if color else ''}{size}-{split}"
+    return ImageDataset(images, labels, 10, name, tuple(str(c) for c in range(10)))
 
 
 def _check_resolution(resolution: int | None, name: str) -> None:
@@ -292,16 +305,17 @@ def load_npz(path: str | os.PathLike, key: str | None = None, resolution: int | 
 
 def load_dataset(spec: str, resolution: int | None = None, split: str = "train") -> ImageDataset:
     """`spec`: "digits" (16x16 unless `resolution` says otherwise), "digits8", "digits16", "digits32", ... (the
-    size is part of the name), an image folder, or a .npz file. `split` ("train", "test", "all") divides only the
-    digits; a folder or .npz file is one whole dataset, given for "train" and "all" and refused for "test".
+    size is part of the name), "digits-rgb8" etc. (coloured digits), an image folder, or a .npz file. `split`
+    ("train", "test", "all") divides only the digits; a folder or .npz file is one whole dataset, given for "train"
+    and "all" and refused for "test".
     """
     _check_split(split, spec)
-    match = re.fullmatch(r"digits(\d*)", spec)
+    match = re.fullmatch(r"digits(-rgb)?(\d*)", spec)
     if match:
-        size = int(match.group(1)) if match.group(1) else (resolution or 16)
+        size = int(match.group(2)) if match.group(2) else (resolution or 16)
         if resolution is not None and resolution != size:
             raise DataError(f"{spec}: resolution {resolution} contradicts the name; use digits{resolution}")
-        return load_digits(size, split)
+        return load_digits(size, split, color=bool(match.group(1)))
     if split == "test":
         raise DataError(f"{spec}: only the built-in digits have a test split; point to a separate folder or file")
     if os.path.isdir(spec):
@@ -309,6 +323,6 @@ def load_dataset(spec: str, resolution: int | None = None, split: str = "train")
     if spec.lower().endswith(".npz"):
         return load_npz(spec, resolution=resolution)
     raise DataError(
-        f"{spec}: unknown dataset; expected digits, digits<size> (e.g. digits8, digits16, digits32), "
+        f"{spec}: unknown dataset; expected digits, digits<size> (e.g. digits8, digits16), digits-rgb<size>, "
         "an image folder (PNG/JPEG) or a .npz file"
     )

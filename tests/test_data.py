@@ -385,3 +385,16 @@ def test_load_dataset_specs(tmp_path):
     with pytest.raises(DataError, match="unknown split"):
         load_dataset("digits", split="validation")
     assert issubclass(DataError, ValueError)
+
+
+def test_coloured_digits_are_the_gray_digits_times_their_colour():
+    from cmfast.data import digit_colors, load_dataset
+
+    gray, rgb = load_digits(8, split="test"), load_dataset("digits-rgb8", split="test")
+    assert rgb.images.shape == (300, 3, 8, 8) and torch.equal(rgb.labels, gray.labels)
+    colors = digit_colors(digits_split("test")).float()
+    expected = gray.images.double()[:, 0:1] * colors[:, :, None, None]
+    assert (rgb.images.double() - expected).abs().max() <= 1.0  # the gray and the colour images are each rounded
+    # index 0 has hue 0: red at saturation 0.85, value 1
+    reds = digit_colors(np.array([0]))
+    torch.testing.assert_close(reds, torch.tensor([[1.0, 0.15, 0.15]], dtype=torch.float64))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-create the shipped digits models with the project's own commands (CPU, about half an hour on 2 cores).
+# Re-create the shipped digits models with the project's own commands (CPU, about 40 minutes on 2 cores).
 # Run from the repository root with cmfast installed: bash cmfast/assets/make_assets.sh [RUNS_DIR]
 set -euo pipefail
 RUNS=${1:-runs/assets}
@@ -11,3 +11,8 @@ cmfast distill --preset digits-cd --teacher "$RUNS/digits-edm/model.safetensors"
 cmfast export "$RUNS/digits-cd/model.safetensors" "$ASSETS/digits-cd.safetensors" --dtype fp16
 cmfast train-ct --preset digits-ict --steps 4000 --run-dir "$RUNS/digits-ct" --no-progress
 cmfast export "$RUNS/digits-ct/model.safetensors" "$ASSETS/digits-ct.safetensors" --dtype fp16
+# Coloured digits (RGB), for the colorization demo: only the distilled model ships.
+cmfast train-edm --preset digits-rgb-edm --steps 3000 --run-dir "$RUNS/digits-rgb-edm" --no-progress
+cmfast distill --preset digits-rgb-cd --teacher "$RUNS/digits-rgb-edm/model.safetensors" --steps 1500 \
+  --run-dir "$RUNS/digits-rgb-cd" --no-progress
+cmfast export "$RUNS/digits-rgb-cd/model.safetensors" "$ASSETS/digits-rgb-cd.safetensors" --dtype fp16

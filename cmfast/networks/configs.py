@@ -106,6 +106,16 @@ PRESETS: dict[str, NetworkConfig] = {
         attn_resolutions=(4,),
         dropout=0.0,
     ),
+    "ddpmpp-digits8-rgb": SongUNetConfig(
+        img_resolution=8,
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_blocks=2,
+        attn_resolutions=(4,),
+        dropout=0.0,
+    ),
     "ncsnpp-tiny": SongUNetConfig(
         img_resolution=8,
         in_channels=1,

@@ -110,6 +110,7 @@ _LSUN = dict(
     dropout=0.0,
 )
 _DIGITS = dict(network="ddpmpp-digits8", dataset="digits8", batch_size=64, ema_rates=(0.999,), checkpoint_every=1000)
+_RGB = dict(network="ddpmpp-digits8-rgb", dataset="digits-rgb8")
 PRESETS: dict[str, dict] = {
     "cifar10-cd-lpips": _paper("cd", "ncsnpp-cifar10", None, distance="lpips", num_scales=18, target_ema=0.0, **_CIFAR),
     "cifar10-ct": _paper("ct", "ncsnpp-cifar10", None, distance="lpips", s0=2, s1=150, mu0=0.9, **_CIFAR),
@@ -136,6 +137,11 @@ PRESETS: dict[str, dict] = {
     "digits-cd": dict(kind="cd", lr=2e-4, total_steps=2000, distance="l2", num_scales=18, target_ema=0.95, **_DIGITS),
     "digits-ct": dict(kind="ct", lr=4e-4, total_steps=4000, distance="l2", s0=2, s1=150, mu0=0.9, **_DIGITS),
     "digits-ict": dict(kind="ct", lr=4e-4, total_steps=4000, ict=True, **_DIGITS),
+    # Coloured digits (3 channels), for colorization demos.
+    "digits-rgb-edm": dict(kind="edm", lr=1e-3, total_steps=4000, **{**_DIGITS, **_RGB}),
+    "digits-rgb-cd": dict(
+        kind="cd", lr=2e-4, total_steps=2000, distance="l2", num_scales=18, target_ema=0.95, **{**_DIGITS, **_RGB}
+    ),
 }
 
 
