@@ -1,4 +1,4 @@
-"""Fused ops and their backend dispatch (issue 6): GroupNorm+SiLU, the skip/out combination and the Heun step.
+"""Fused ops and their dispatch (issue 6): GroupNorm+SiLU, attention, the skip/out combination and the Heun step.
 
 Every public op takes backend=None|"torch"|"triton"|"cuda". With None, the first backend that can take the inputs runs,
 in the order cuda (the C++/CUDA extension, a later issue), triton, torch; the environment variable CMFAST_BACKEND sets
@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .kernels import attention as _attn
 from .kernels import group_norm_silu as _gn
 from .kernels import heun_step as _heun
 from .kernels import skip_out as _so
@@ -53,7 +54,7 @@ def _environment_reasons(backend: str, op: str, device_type: str) -> str:
             return "the C++/CUDA extension cmfast._C is not built"
         return f"cmfast._C has no {op} kernel"
     if backend == "triton":
-        module = {"group_norm_silu": _gn, "skip_out": _so, "heun_step": _heun}[op]
+        module = {"group_norm_silu": _gn, "skip_out": _so, "heun_step": _heun, "attention": _attn}[op]
         if module.triton is None:
             return "triton is not installed"
         if device_type == "cpu" and not _interpreted(module):
@@ -142,7 +143,8 @@ def _check_same_shape(op: str, x: Tensor, **others: Tensor | None) -> None:
 def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     """The backend `cmfast.ops.<op>(*args, backend=backend, **kwargs)` would run on, and why others were skipped.
     Raises as the op would (BackendError when the backend asked for cannot take the inputs)."""
-    prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun}
+    prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
+               "attention": _prepare_attention}  # fmt: skip
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
@@ -467,3 +469,75 @@ def _heun_step_op(
 @_heun_step_op.register_fake
 def _(x, F, sigma, sigma_next, F_next, sigma_data, clamp, backend):
     return torch.empty_like(x, memory_format=_so.memory_format(x))
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+
+
+def attention(qkv: Tensor, num_heads: int, backend: str | None = None) -> Tensor:
+    """Multi-head self-attention over the fused qkv projection, as cmfast.networks.adm.qkv_attention(qkv, num_heads,
+    "3hd"): softmax(q^T k / sqrt(head_dim)) per sample and head.
+
+    qkv: (B, 3 H D, T) with channels (3, heads, head_dim) (the official checkpoints' layout), float32/bfloat16/float16
+    (softmax statistics in float32), any strides. Returns (B, H D, T) in qkv's dtype, channels (head, d).
+    Differentiable in qkv. The Triton backend is flash-style: it never holds the T x T scores.
+    """
+    (choice,) = _prepare_attention(qkv, num_heads, backend=backend)
+    if choice.backend == "torch":
+        return _attn.attention_ref(qkv, num_heads)
+    return torch.ops.cmfast.attention(qkv, num_heads, choice.backend)[0]
+
+
+def _prepare_attention(qkv, num_heads, *, backend):
+    op = "attention"
+    if qkv.dim() != 3:
+        raise ValueError(f"{op}: qkv must be (B, 3 heads head_dim, T), got shape {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"{op}: qkv must be a floating-point tensor, got {qkv.dtype}")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads) or qkv.shape[1] == 0:
+        raise ValueError(f"{op}: {qkv.shape[1]} channels do not split into (3, {num_heads} heads, head_dim)")
+    device_type = _check_devices(op, qkv)
+    return (_choose(op, backend, device_type, _triton_input_reasons(_attn, qkv, num_heads)),)
+
+
+@torch.library.custom_op("cmfast::attention", mutates_args=())
+def _attention_op(qkv: Tensor, num_heads: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse); lse is the (B, H, T) log-sum-exp of each query's scaled scores, which the backward reuses."""
+    if backend == "triton":
+        return _attn.attention_forward(qkv, num_heads)
+    return _attn.attention_ref(qkv, num_heads).contiguous(), _attn.attention_lse_torch(qkv, num_heads)
+
+
+@_attention_op.register_fake
+def _(qkv, num_heads, backend):
+    B, width, T = qkv.shape
+    out = qkv.new_empty((B, width // 3, T))
+    return out, qkv.new_empty((B, num_heads, T), dtype=_stats_dtype(qkv))
+
+
+@torch.library.custom_op("cmfast::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
+    """The gradient of qkv, (B, 3 H D, T) in qkv's dtype."""
+    if backend == "triton":
+        return _attn.attention_backward(dout, qkv, out, lse, num_heads)
+    return _attn.attention_backward_torch(dout, qkv, out, lse, num_heads)
+
+
+@_attention_backward_op.register_fake
+def _(dout, qkv, out, lse, num_heads, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, num_heads, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.backend = num_heads, backend
+
+
+def _attention_grad(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return torch.ops.cmfast.attention_backward(dout, qkv, out, lse, ctx.num_heads, ctx.backend), None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
