@@ -70,6 +70,19 @@ class GroupNorm32(nn.GroupNorm):
         return out.to(x.dtype)
 
 
+def _norm_act(norm: GroupNorm32, x: Tensor, fused: bool, silu: bool = True, scale=None, shift=None) -> Tensor:
+    """GroupNorm in float32, ADM's scale-shift norm(x) * (1 + scale) + shift when given, then SiLU; through the fused
+    op (`cmfast.ops.group_norm_silu`, one read of x and one write) when `fused`."""
+    if fused:
+        from .. import ops  # imported on use: importing triton fixes whether it interprets
+
+        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, silu)
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h) if silu else h
+
+
 def _normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
@@ -121,19 +134,20 @@ class ResBlock(nn.Module):
         )
         # The official blocks never use the 3x3 skip option: a 1x1 conv when the width changes, else identity.
         self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.fused = False  # see `cmfast.networks.set_fused_ops`
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Resampling sits between the input activation and the input conv, on both branches.
-        h = _resample(self.in_layers[:-1](x), self.resample)
-        h = self.in_layers[-1](h)
+        h = _resample(_norm_act(self.in_layers[0], x, self.fused), self.resample)
+        h = self.in_layers[2](h)
         x = _resample(x, self.resample)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = _norm_act(self.out_layers[0], h, self.fused, scale=scale, shift=shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = _norm_act(self.out_layers[0], h + emb_out, self.fused)
+        h = self.out_layers[3](self.out_layers[2](h))  # dropout, conv
         return self.skip_connection(x) + h
 
 
@@ -155,12 +169,18 @@ class AttentionBlock(nn.Module):
         self.norm = _normalization(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv2d(channels, channels, 1))
+        self.fused = False  # see `cmfast.networks.set_fused_ops`
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3 * channels, height * width)
-        h = qkv_attention(qkv, self.num_heads, self.qkv_layout).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        qkv = self.qkv(_norm_act(self.norm, x, self.fused, silu=False)).reshape(batch, 3 * channels, height * width)
+        if self.fused and self.qkv_layout == "3hd":
+            from .. import ops
+
+            h = ops.attention(qkv, self.num_heads)
+        else:
+            h = qkv_attention(qkv, self.num_heads, self.qkv_layout)
+        return x + self.proj_out(h.reshape(batch, channels, height, width))
 
 
 class Downsample(nn.Module):
@@ -257,6 +277,7 @@ class ADMUNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(_normalization(ch), nn.SiLU(), _zero(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+        self.fused = False  # see `cmfast.networks.set_fused_ops`
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         if (class_labels is None) != (self.config.num_classes == 0):
@@ -277,7 +298,7 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype)
+        return self.out[2](_norm_act(self.out[0], h, self.fused)).to(x.dtype)
 
 
 _BLOCK_KEY = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.([a-z_]+)\.")

@@ -52,8 +52,13 @@ def fir_upsample_2x(x: Tensor, f: Tensor) -> Tensor:
     return F.conv_transpose2d(x, weight, groups=channels, stride=2, padding=padding)
 
 
-def group_norm_silu(x: Tensor, norm: GroupNorm) -> Tensor:
-    """SiLU(GroupNorm(x)) on (B, C, H, W); the pair every block applies before a conv."""
+def group_norm_silu(x: Tensor, norm: GroupNorm, fused: bool = False) -> Tensor:
+    """SiLU(GroupNorm(x)) on (B, C, H, W); the pair every block applies before a conv. fused: through
+    `cmfast.ops.group_norm_silu` (one read of x, one write)."""
+    if fused:
+        from .. import ops  # imported on use: importing triton fixes whether it interprets
+
+        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     return F.silu(norm(x))
 
 
@@ -167,6 +172,7 @@ class UNetBlock(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_heads = num_heads if attention else 0
+        self.fused = False  # see `cmfast.networks.set_fused_ops`
         self.dropout = dropout
 
         self.norm0 = GroupNorm(in_channels)
@@ -185,9 +191,9 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, Cin, H, W), emb: (B, emb_channels) -> (B, Cout, H', W')."""
-        h = self.conv0(group_norm_silu(x, self.norm0))
+        h = self.conv0(group_norm_silu(x, self.norm0, self.fused))
         h = h + self.affine(emb)[:, :, None, None].to(h.dtype)
-        h = self.conv1(F.dropout(group_norm_silu(h, self.norm1), p=self.dropout, training=self.training))
+        h = self.conv1(F.dropout(group_norm_silu(h, self.norm1, self.fused), p=self.dropout, training=self.training))
         x = (h + (self.skip(x) if self.skip is not None else x)) * SKIP_SCALE
         if self.num_heads:
             x = (self.proj(self.self_attention(self.norm2(x))) + x) * SKIP_SCALE
