@@ -7,7 +7,6 @@ Tolerance: the kernel's error against float64 is at most twice PyTorch's own err
 """
 
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,16 +17,14 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from cmfast.kernels import attention as K  # noqa: E402
+from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
 
 from cmfast import ops  # noqa: E402
 from cmfast.networks.adm import qkv_attention  # noqa: E402
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+assert_within_rule = within_rule(FLOOR)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif("not torch.cuda.is_available()")]),
-]
 # (B, heads, head_dim, T): T not a multiple of the blocks, batch 1 and 3, one and several heads
 SHAPES = {
     "cpu": [(3, 3, 16, 37), (1, 1, 64, 70), (1, 2, 32, 5), (3, 1, 32, 64), (1, 1, 256, 40)],
@@ -38,35 +35,6 @@ SHAPES = {
 @pytest.fixture(autouse=True)
 def no_backend_override(monkeypatch):
     monkeypatch.delenv("CMFAST_BACKEND", raising=False)
-
-
-@pytest.fixture
-def device(request):
-    if request.param == "cpu" and not ops._interpreted(K):
-        pytest.skip("triton was imported without TRITON_INTERPRET=1, so CPU tensors cannot run its kernels")
-    return request.param
-
-
-@contextmanager
-def poisoned_outputs():
-    """Fill every tensor torch.empty/empty_like allocates with NaN, so an element a kernel fails to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-        mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-        yield
-
-
-def assert_within_rule(out, ref64, torch_out, dtype, what):
-    assert not out.isnan().any(), f"{what}: NaN left in the output (a missed write)"
-    err = (out.double() - ref64).abs().max().item()
-    torch_err = (torch_out.double() - ref64).abs().max().item()
-    bound = 2 * torch_err + FLOOR[dtype] * max(ref64.abs().max().item(), 1.0)
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + floor {bound - 2 * torch_err:.3g}"
 
 
 def make_inputs(shape, dtype, device, seed=0, strided=False):

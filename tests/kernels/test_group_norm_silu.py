@@ -7,7 +7,6 @@ Tolerance: the kernel's error against float64 is at most twice PyTorch's own err
 """
 
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,50 +17,19 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from cmfast.kernels import group_norm_silu as K  # noqa: E402
+from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
 
 from cmfast import ops  # noqa: E402
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+assert_within_rule = within_rule(FLOOR)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMS = ["silu", "norm", "scale_shift"]
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif("not torch.cuda.is_available()")]),
-]
 # (B, C, H, W, groups): odd H x W, C not a power of two, batch 1 and 3
 SHAPES = {
     "cpu": [(3, 96, 5, 7, 32), (1, 40, 3, 3, 10)],
     "cuda": [(3, 192, 33, 31, 32), (1, 576, 17, 15, 32), (2, 1152, 8, 8, 32), (1, 256, 64, 64, 32)],
 }
-
-
-@pytest.fixture
-def device(request):
-    if request.param == "cpu" and not ops._interpreted(K):
-        pytest.skip("triton was imported without TRITON_INTERPRET=1, so CPU tensors cannot run its kernels")
-    return request.param
-
-
-@contextmanager
-def poisoned_outputs():
-    """Fill every tensor torch.empty/empty_like allocates with NaN, so an element a kernel fails to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-        mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-        yield
-
-
-def assert_within_rule(out, ref64, torch_out, dtype, what):
-    assert not out.isnan().any(), f"{what}: NaN left in the output (a missed write)"
-    err = (out.double() - ref64).abs().max().item()
-    torch_err = (torch_out.double() - ref64).abs().max().item()
-    bound = 2 * torch_err + FLOOR[dtype] * max(ref64.abs().max().item(), 1.0)
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + floor {bound - 2 * torch_err:.3g}"
 
 
 def make_inputs(shape, form, dtype, device, channels_last, seed=0):

@@ -5,7 +5,6 @@ CPU runs go through Triton's interpreter (marker `triton`), CUDA runs use bigger
 """
 
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from cmfast.kernels import heun_step as K  # noqa: E402
 from conftest import RecordingNet  # noqa: E402
+from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
 
 from cmfast import ops  # noqa: E402
 from cmfast.preconditioning import EDMDenoiser, c_in, c_noise  # noqa: E402
@@ -24,40 +24,8 @@ from cmfast.sampling import heun_step as heun_step_sampling  # noqa: E402
 
 SD = 0.5
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif("not torch.cuda.is_available()")]),
-]
+assert_within_rule = within_rule(FLOOR)
 SHAPES = {"cpu": [(3, 3, 7, 9), (1, 4, 5, 3)], "cuda": [(3, 3, 67, 129), (1, 192, 33, 31)]}
-
-
-@pytest.fixture
-def device(request):
-    if request.param == "cpu" and not ops._interpreted(K):
-        pytest.skip("triton was imported without TRITON_INTERPRET=1, so CPU tensors cannot run its kernels")
-    return request.param
-
-
-@contextmanager
-def poisoned_outputs():
-    """Fill every tensor torch.empty/empty_like allocates with NaN, so an element a kernel fails to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-        mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-        yield
-
-
-def assert_within_rule(out, ref64, torch_out, dtype, what):
-    assert not out.isnan().any(), f"{what}: NaN left in the output (a missed write)"
-    err = (out.double() - ref64).abs().max().item()
-    torch_err = (torch_out.double() - ref64).abs().max().item()
-    bound = 2 * torch_err + FLOOR[dtype] * max(ref64.abs().max().item(), 1.0)
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + floor"
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
