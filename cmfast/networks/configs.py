@@ -106,16 +106,6 @@ PRESETS: dict[str, NetworkConfig] = {
         attn_resolutions=(4,),
         dropout=0.0,
     ),
-    "ddpmpp-digits8-rgb": SongUNetConfig(
-        img_resolution=8,
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_blocks=2,
-        attn_resolutions=(4,),
-        dropout=0.0,
-    ),
     "ncsnpp-tiny": SongUNetConfig(
         img_resolution=8,
         in_channels=1,
@@ -149,6 +139,8 @@ PRESETS: dict[str, NetworkConfig] = {
         use_scale_shift_norm=False,
     ),
 }
+# The coloured-digits network: ddpmpp-digits8 with 3 channels in and out.
+PRESETS["ddpmpp-digits8-rgb"] = dataclasses.replace(PRESETS["ddpmpp-digits8"], in_channels=3, out_channels=3)
 
 
 def config_to_dict(config: NetworkConfig) -> dict:
