@@ -1,0 +1,48 @@
+"""`python -m bench`: run a benchmark suite, write its JSON under bench/results/, print a summary table.
+
+Suites:
+  ops       the fused ops (GroupNorm+SiLU, attention, skip/out, Heun step) against eager PyTorch and torch.compile
+  sampling  one-step sampling throughput and batch-1 latency: eager, bf16, torch.compile, cmfast fused, CUDA graph
+  cd-step   one consistency-distillation training step: images/s and peak memory, eager AMP, compile, cmfast
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .common import machine, table, write_results
+
+SUITES = {"ops": "bench.ops", "sampling": "bench.sampling", "cd-step": "bench.cd_step"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("suite", choices=[*SUITES, "all"], help="which measurements to run")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and batch sizes (a first look)")
+    parser.add_argument("--out", help="results JSON path (default: bench/results/<device>-<suite>.json)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include torch.compile baselines (default: on CUDA only; on a CPU it compiles with a C++ toolchain)",
+    )
+    args = parser.parse_args(argv)
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.out and len(suites) > 1:
+        parser.error("--out names one file; run one suite at a time with it")
+    info = machine()
+    print(f"device: {info['device']}; torch {info['torch']}, triton {info.get('triton')}, {info['date']}")
+    for suite in suites:
+        module = importlib.import_module(SUITES[suite])
+        rows, extra = module.run(quick=args.quick, compile=args.compile, log=lambda s: print(s, flush=True))
+        path = write_results(suite + ("-quick" if args.quick else ""), info, rows, {"ceilings": extra}, args.out)
+        print(f"\n## {suite} ({info['device']}); full results: {path}\n")
+        print(table(module.summary(rows), module.SUMMARY_COLUMNS))
+        sys.stdout.flush()

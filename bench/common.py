@@ -1,0 +1,117 @@
+"""What every benchmark shares: the machine record, timing, the device's measured ceilings, results files, tables.
+
+Speed is only ever measured here, never in tests. Every results file records the device, the library versions and the
+date beside the figures, and every ratio is taken against a baseline timed in the same run on the same device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """The device, versions and date a figure was measured with."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2**30)
+    else:
+        info["device"] = f"cpu ({info['cpu']}, {info['cpu_threads']} threads)"
+    try:
+        from cmfast import ops
+
+        info["cmfast_extension"] = ops._EXTENSION_BUILT
+    except ImportError:
+        pass
+    return info
+
+
+def device_slug(info: dict) -> str:
+    """A file-name-safe name for the device: 'nvidia-h100-80gb-hbm3', 'cpu-2t'."""
+    if info["device"].startswith("cpu"):
+        return f"cpu-{info['cpu_threads']}t"
+    return "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds per call of fn: CUDA events through triton.testing.do_bench on a GPU (it clears the L2
+    cache between calls), a synchronised wall clock over repeated calls on the CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    samples, spent = [], 0.0
+    while spent < max(rep_ms, 1) / 1000 or len(samples) < 5:
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return statistics.median(samples) * 1000
+
+
+def peak_bandwidth_gbs(device: str) -> float:
+    """The device's achievable memory bandwidth, measured: a 1 GiB device-to-device copy (bytes read + written)."""
+    n = (2**30 if device == "cuda" else 2**26) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / ms / 1e6
+
+
+def peak_tflops(device: str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The device's achievable matrix throughput in dtype, measured on random data (8192^3 on a GPU)."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype if device == "cuda" else torch.float32)
+    b = torch.randn(n, n, device=device, dtype=a.dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def write_results(name: str, info: dict, rows: list[dict], extra: dict | None = None, out: str | None = None) -> Path:
+    """Atomically write {"machine": info, **extra, "rows": rows} to `out` or bench/results/<device>-<name>.json."""
+    path = Path(out) if out else RESULTS / f"{device_slug(info)}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"machine": info, **(extra or {}), "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of the given columns; floats with 3 significant digits, missing values as '-'."""
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
