@@ -12,9 +12,11 @@ import torch
 
 from .checkpoint import CheckpointError, load_model, read_metadata
 from .editing_cli import add_commands as add_edit_commands
+from .evaluation.cli import add_commands as add_eval_commands
 from .generate import Generated, generate, image_shape
+from .graphs import graph_unavailable_reason
 from .io import atomic_write_bytes, image_grid, save_npz, save_png
-from .networks import PRESETS, config_to_dict
+from .networks import PRESETS, config_to_dict, set_fused_ops
 from .preconditioning import EDMDenoiser, num_parameters
 from .sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
 from .training.commands import add_commands as add_train_commands
@@ -111,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
     p.add_argument("--out", default="out", help="output directory for samples.png and samples.npz")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="consistency models on CUDA: capture each batch size's sampler as a CUDA graph once and replay it "
+        "(same images as without; falls back to eager sampling, with a message, on a CPU)",
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="run GroupNorm+SiLU and attention through cmfast's fused kernels (cmfast.ops; CUDA extension or Triton)",
+    )
 
     p = sub.add_parser(
         "info",
@@ -147,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_train_commands(sub)
     add_edit_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
@@ -182,6 +196,15 @@ def cmd_sample(args) -> None:
     _check_out_dir(args.out)
     model = load_model(args.model, device=device).eval()
     model.autocast_dtype = DTYPES[args.dtype]
+    if args.fused:
+        set_fused_ops(model.net)
+    graph = args.graph
+    if graph and isinstance(model, EDMDenoiser):
+        print("cmfast: --graph applies to consistency models; the teacher's Heun sampler runs eagerly", file=sys.stderr)
+        graph = False
+    if graph and graph_unavailable_reason(model):
+        print(f"cmfast: --graph: {graph_unavailable_reason(model)}; sampling eagerly", file=sys.stderr)
+        graph = False
     run = {
         "model": args.model,
         "kind": model.kind,
@@ -192,6 +215,8 @@ def cmd_sample(args) -> None:
         "device": str(device),
         "dtype": args.dtype,
         "torch": torch.__version__,
+        "graph": graph,
+        "fused": args.fused,
     }
     if isinstance(model, EDMDenoiser):
         if args.sigmas is not None or args.ts is not None:
@@ -204,8 +229,9 @@ def cmd_sample(args) -> None:
         how = dict(sigmas=sigmas)
         run.update(sampler="multistep", sigmas=sigmas, evaluations=num_evaluations(sigmas, model.sigma_min))
     result = generate(
-        model, num, args.batch, args.seed, class_label=args.class_label, progress=not args.no_progress, **how
-    )
+        model, num, args.batch, args.seed, class_label=args.class_label, progress=not args.no_progress, graph=graph,
+        **how,
+    )  # fmt: skip
     run["seconds"] = result.seconds
     extra = {"seeds": np.arange(args.seed, args.seed + num)}
     extra.update({key: np.array(value) for key, value in how.items()})

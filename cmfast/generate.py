@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .graphs import GraphError, graph_sample, graph_unavailable_reason
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
 from .sampling import evaluation_sigmas, generators_from_seeds, heun_sample, randint, randn, sample
@@ -46,12 +47,18 @@ def generate(
     heun_steps: int = 18,
     class_label: int | None = None,
     progress: bool = True,
+    graph: bool = False,
 ) -> Generated:
     """Sample `num` images in batches of `batch`. A ConsistencyModel uses Algorithm 1 over `sigmas`; an EDMDenoiser
-    (a teacher) uses EDM's Heun sampler with `heun_steps` steps."""
+    (a teacher) uses EDM's Heun sampler with `heun_steps` steps. graph=True replays a CUDA graph per batch size
+    (cmfast.graphs; consistency models on CUDA only), with the same images."""
     if num < 1 or batch < 1:
         raise ValueError(f"--num and --batch must be positive, got num={num}, batch={batch}")
     is_teacher = isinstance(model, EDMDenoiser)
+    if graph and is_teacher:
+        raise ValueError("graph=True applies to consistency models; teachers sample eagerly")
+    if graph and graph_unavailable_reason(model):
+        raise GraphError(f"graph=True: {graph_unavailable_reason(model)}")
     if not is_teacher:
         if sigmas is None:
             raise ValueError("a consistency model needs its time points (sigmas)")
@@ -80,6 +87,8 @@ def generate(
         with torch.inference_mode():
             if is_teacher:
                 x = heun_sample(model, noise, heun_steps, class_labels=y)
+            elif graph:
+                x = graph_sample(model, noise, sigmas, class_labels=y, generator=gens)
             else:
                 x = sample(model, noise, sigmas, class_labels=y, generator=gens)
         if device.type == "cuda":

@@ -98,8 +98,10 @@ class _Preconditioned(nn.Module):
         skip, out = self.coefficients(s)
         net_dtype = next(self.net.parameters()).dtype
         x_in = (c_in(s, self.sigma_data) * x).to(net_dtype)
+        # autocast's cache of cast weights must stay off while a CUDA graph is being captured (cmfast.graphs)
+        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         autocast = (
-            torch.autocast(x.device.type, dtype=self.autocast_dtype)
+            torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=not capturing)
             if self.autocast_dtype is not None
             else nullcontext()
         )
