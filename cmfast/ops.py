@@ -1,7 +1,8 @@
 """Fused ops and their dispatch (issue 6): GroupNorm+SiLU, attention, the skip/out combination and the Heun step.
 
 Every public op takes backend=None|"torch"|"triton"|"cuda". With None, the first backend that can take the inputs runs,
-in the order cuda (the C++/CUDA extension, a later issue), triton, torch; the environment variable CMFAST_BACKEND sets
+in the order cuda (the C++/CUDA extension cmfast._C: CPU kernels for every op but attention, and a CUDA kernel for
+GroupNorm+SiLU on channels_last tensors), triton, torch; the environment variable CMFAST_BACKEND sets
 the backend for every call that passes None ("auto" or empty keeps the automatic choice). Each skipped backend has a
 reason (`explain` returns them), and a backend that was asked for and cannot take the inputs raises BackendError with
 its reasons. Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is first imported
@@ -10,14 +11,17 @@ its reasons. Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 s
 The torch backend is the plain reference (`cmfast.kernels.<op>.<op>_ref`, the networks' and samplers' own math, e.g.
 ADM's GroupNorm32), differentiated by autograd and fused by torch.compile. The fused backends run through custom ops
 registered with torch.library (cmfast::group_norm_silu, cmfast::skip_out, cmfast::heun_step, and the backwards), with
-fake implementations, so torch.compile traces models that use them. The backend is an argument of those ops; their
-"torch" implementation (the reference's math, with an explicit backward) lets `torch.library.opcheck` check the
-registration on any machine.
+fake implementations, so torch.compile traces models that use them; their "cuda" branch calls the extension's own ops
+(torch.ops.cmfast_ext.*, whose fake implementations are registered here when the extension loads), and where the
+extension has no backward the PyTorch one below runs on the statistics its forward saved. The backend is an argument
+of those ops; their "torch" implementation (the reference's math, with an explicit backward) lets
+`torch.library.opcheck` check the registration on any machine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import NamedTuple
 
@@ -30,7 +34,8 @@ from .kernels import heun_step as _heun
 from .kernels import skip_out as _so
 
 BACKENDS = ("cuda", "triton", "torch")
-_EXTENSION_BUILT = importlib.util.find_spec("cmfast._C") is not None
+_EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EXT_THREADS = 256  # threads per block of the CUDA GroupNorm kernel: a tile may hold 256 vectors of channels
 
 
 class BackendError(RuntimeError):
@@ -50,9 +55,13 @@ class Choice(NamedTuple):
 def _environment_reasons(backend: str, op: str, device_type: str) -> str:
     """Why `backend` cannot run `op` on this machine for tensors on `device_type` ("" if it can)."""
     if backend == "cuda":
-        if not _EXTENSION_BUILT:
-            return "the C++/CUDA extension cmfast._C is not built"
-        return f"cmfast._C has no {op} kernel"
+        reason = _extension_reason()
+        if reason:
+            return reason
+        if device_type not in ("cpu", "cuda"):
+            return f"cmfast._C runs on CPU and CUDA tensors, not on {device_type}"
+        if not _ext_has_kernel(op, device_type):
+            return f"cmfast._C has no {device_type.upper()} kernel for {op}"
     if backend == "triton":
         module = {"group_norm_silu": _gn, "skip_out": _so, "heun_step": _heun, "attention": _attn}[op]
         if module.triton is None:
@@ -109,6 +118,17 @@ def _triton_input_reasons(module, *args) -> dict[str, list[str]]:
     return {"triton": module.unsupported(*args) if module.triton is not None else []}
 
 
+def _ext_dtype_reasons(x: Tensor, **others: Tensor | None) -> list[str]:
+    """The extension's kernels take float32, bfloat16 or float16, one dtype for all the tensor inputs (no reasons
+    when the extension is missing: that one says it all)."""
+    if _extension_reason():
+        return []
+    if x.dtype not in _EXT_DTYPES:
+        return [f"x is {x.dtype}; cmfast._C kernels take float32, bfloat16 or float16"]
+    return [f"{name} is {t.dtype} but x is {x.dtype}; cmfast._C kernels take one dtype"
+            for name, t in others.items() if t is not None and t.dtype != x.dtype]  # fmt: skip
+
+
 def _check_devices(op: str, *tensors: Tensor | None) -> str:
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
@@ -148,6 +168,64 @@ def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
+
+
+# --- the C++/CUDA extension ------------------------------------------------------------------------------------------
+
+
+_EXT_OPS = ("group_norm_silu", "group_norm_silu_backward", "skip_out", "heun_step")  # schemas in csrc/ops.cpp
+
+
+def _load_extension() -> tuple[str, frozenset[tuple[str, str]]]:
+    """Load cmfast._C (which registers the torch.ops.cmfast_ext ops) and register their fake implementations: why it
+    cannot be used ("" when it can), and the (op, device type) pairs it has kernels for. Runs once, at import, so that
+    torch.compile never traces the loading."""
+    if importlib.util.find_spec("cmfast._C") is None:
+        return "the C++/CUDA extension cmfast._C is not built", frozenset()
+    try:
+        from . import _C  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"the C++/CUDA extension cmfast._C failed to load: {e}", frozenset()
+    _register_ext_fakes()
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    kernels = {(op, device) for op in _EXT_OPS for device in ("cpu", "cuda")
+               if has_kernel(f"cmfast_ext::{op}", device.upper())}  # fmt: skip
+    return "", frozenset(kernels)
+
+
+def _extension_reason() -> str:
+    """Why the "cuda" backend cannot run at all ("" when cmfast._C is loaded)."""
+    return _EXTENSION[0]
+
+
+def _ext_has_kernel(op: str, device_type: str) -> bool:
+    """Whether cmfast._C has a kernel of cmfast_ext::op for tensors on device_type ("cpu" or "cuda")."""
+    return (op, device_type) in _EXTENSION[1]
+
+
+def _register_ext_fakes() -> None:
+    """Fake implementations of the cmfast_ext ops (schemas in csrc/ops.cpp), so torch.compile traces them."""
+
+    @torch.library.register_fake("cmfast_ext::group_norm_silu")
+    def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x, memory_format=_so.memory_format(x)), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("cmfast_ext::group_norm_silu_backward")
+    def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
+        sums = x.new_empty(x.shape[:2], dtype=torch.float32)
+        return torch.empty_like(x, memory_format=_so.memory_format(x)), sums, torch.empty_like(sums)
+
+    @torch.library.register_fake("cmfast_ext::skip_out")
+    def _(x, F, sigma, sigma_min, sigma_data, clamp):
+        return torch.empty_like(x, memory_format=_so.memory_format(x))
+
+    @torch.library.register_fake("cmfast_ext::heun_step")
+    def _(x, F, sigma, sigma_next, F_next, sigma_data, clamp):
+        return torch.empty_like(x, memory_format=_so.memory_format(x))
+
+
+_EXTENSION = _load_extension()
 
 
 # --- GroupNorm + SiLU ------------------------------------------------------------------------------------------------
@@ -198,12 +276,28 @@ def _prepare_group_norm_silu(x, weight, bias, num_groups=32, eps=1e-5, scale=Non
                 raise ValueError(f"{op}: {name} must hold B x C = {B} x {C} values, got shape {tuple(t.shape)}")
         scale, shift = scale.reshape(B, C), shift.reshape(B, C)
     device_type = _check_devices(op, x, weight, bias, scale, shift)
-    choice = _choose(op, backend, device_type, _triton_input_reasons(_gn, x, num_groups))
+    reasons = _triton_input_reasons(_gn, x, num_groups) | {"cuda": _ext_group_norm_reasons(x, num_groups, device_type)}
+    choice = _choose(op, backend, device_type, reasons)
     if choice.backend == "torch":
         return choice, None
     weight = weight if weight is not None else torch.ones(C, device=x.device)
     bias = bias if bias is not None else torch.zeros(C, device=x.device)
     return choice, (x, weight, bias, scale, shift)
+
+
+def _ext_group_norm_reasons(x: Tensor, num_groups: int, device_type: str) -> list[str]:
+    """The limits of cmfast._C's group_norm_silu kernels (see csrc/cuda/group_norm_silu.cu for the CUDA one)."""
+    reasons = _ext_dtype_reasons(x)
+    if reasons or device_type != "cuda":
+        return reasons
+    if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return ["the CUDA group_norm_silu kernel needs channels_last (a 4-D x stored channels_last)"]
+    vec = 16 // x.element_size()  # elements per 16-byte access
+    if x.shape[1] % vec:
+        return [f"the CUDA group_norm_silu kernel reads 16-byte vectors: C must be a multiple of {vec} for {x.dtype}"]
+    if math.lcm(x.shape[1] // num_groups, vec) > _EXT_THREADS * vec:
+        return [f"{x.shape[1] // num_groups} channels per group are too many for the CUDA group_norm_silu kernel"]
+    return []
 
 
 @torch.library.custom_op("cmfast::group_norm_silu", mutates_args=())
@@ -219,6 +313,8 @@ def _group_norm_silu_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd); mean and rstd are the (B, G) statistics the backward reuses."""
+    if backend == "cuda":
+        return torch.ops.cmfast_ext.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu)
     if backend == "triton":
         return _gn.group_norm_silu_forward(x, weight, bias, scale, shift, num_groups, eps, silu)
     y = _gn.group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu)
@@ -251,8 +347,14 @@ def _group_norm_silu_backward_op(
     silu: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); dscale and dshift are empty without the scale-shift form."""
-    if backend == "triton":
+    """(dx, dweight, dbias, dscale, dshift); dscale and dshift are empty without the scale-shift form. The "cuda"
+    backend runs the extension's backward where it has one (CPU), else the PyTorch one."""
+    if backend == "cuda" and _ext_has_kernel("group_norm_silu_backward", x.device.type):
+        dx, sum_a, sum_b = torch.ops.cmfast_ext.group_norm_silu_backward(
+            dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu
+        )
+        grads = (dx, *_gn.param_grads(sum_a, sum_b, weight, bias, scale, shift))
+    elif backend == "triton":
         grads = _gn.group_norm_silu_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu)
     else:
         grads = _group_norm_silu_backward_torch(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu)
@@ -342,13 +444,16 @@ def _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp=False, *, backen
     _check_same_shape(op, x, F=F)
     sigma = _per_sample(op, "sigma", sigma, x)
     device_type = _check_devices(op, x, F, sigma)
-    return _choose(op, backend, device_type, _triton_input_reasons(_so, x, F, sigma)), sigma
+    reasons = _triton_input_reasons(_so, x, F, sigma) | {"cuda": _ext_dtype_reasons(x, F=F)}
+    return _choose(op, backend, device_type, reasons), sigma
 
 
 @torch.library.custom_op("cmfast::skip_out", mutates_args=())
 def _skip_out_op(
     x: Tensor, F: Tensor, sigma: Tensor, sigma_min: float, sigma_data: float, clamp: bool, backend: str
 ) -> Tensor:
+    if backend == "cuda":
+        return torch.ops.cmfast_ext.skip_out(x, F, sigma, sigma_min, sigma_data, clamp)
     if backend == "triton":
         return _so.skip_out_forward(x, F, sigma, sigma_min, sigma_data, clamp)
     return _so.skip_out_ref(x, F, sigma, sigma_min, sigma_data, clamp).contiguous(memory_format=_so.memory_format(x))
@@ -445,7 +550,8 @@ def _prepare_heun(x, F, sigma, sigma_next, F_next=None, sigma_data=0.5, clamp=Fa
     sigma = _per_sample(op, "sigma", sigma, x)
     sigma_next = _per_sample(op, "sigma_next", sigma_next, x)
     device_type = _check_devices(op, x, F, F_next, sigma, sigma_next)
-    choice = _choose(op, backend, device_type, _triton_input_reasons(_heun, x, F, F_next))
+    reasons = _triton_input_reasons(_heun, x, F, F_next) | {"cuda": _ext_dtype_reasons(x, F=F, F_next=F_next)}
+    choice = _choose(op, backend, device_type, reasons)
     return choice, sigma, sigma_next
 
 
@@ -460,6 +566,8 @@ def _heun_step_op(
     clamp: bool,
     backend: str,
 ) -> Tensor:
+    if backend == "cuda":
+        return torch.ops.cmfast_ext.heun_step(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
     if backend == "triton":
         return _heun.heun_step_forward(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
     out = _heun.heun_step_ref(x, F, sigma, sigma_next, F_next, sigma_data, clamp)

@@ -1,5 +1,8 @@
 """Backend dispatch of cmfast.ops: order, reasons, CMFAST_BACKEND, errors; the torch.library registration (opcheck,
 torch.compile); and the PyTorch backward the registered ops carry, against autograd of the references.
+
+The "cuda" backend is the C++/CUDA extension cmfast._C; tests of the machine without it simulate its absence, and
+those that need it skip when it is not built (tests/ext checks the extension itself, and fails without it in CI).
 """
 
 import os
@@ -18,6 +21,9 @@ from cmfast import ops  # noqa: E402
 HAVE_TRITON = _so.triton is not None
 INTERPRETED = HAVE_TRITON and ops._interpreted(_so)
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1")
+EXT = ops._extension_reason() == ""
+needs_ext = pytest.mark.skipif(not EXT, reason=f"cmfast._C: {ops._extension_reason()}")
+NOT_BUILT = "the C++/CUDA extension cmfast._C is not built"
 EPS, SD = 0.002, 0.5
 
 
@@ -45,26 +51,45 @@ def gn_inputs(B=2, C=12, scale_shift=True, requires_grad=False):
 # --- dispatch order and reasons --------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def without_extension(monkeypatch):
+    """Dispatch as on a machine where cmfast._C was not built."""
+    monkeypatch.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
+
+
 @needs_interpreter
-def test_automatic_choice_skips_the_unbuilt_extension_with_its_reason():
+def test_automatic_choice_skips_the_unbuilt_extension_with_its_reason(without_extension):
     choice = ops.explain("skip_out", *skip_out_inputs(), EPS, SD)
     assert choice.backend == "triton"
-    assert list(choice.skipped) == ["cuda"] and "not built" in choice.skipped["cuda"]
+    assert choice.skipped == {"cuda": NOT_BUILT}
 
 
-def test_float64_falls_back_to_torch_with_a_reason():
+@needs_ext
+def test_automatic_choice_takes_the_built_extension_first():
+    for op, args in [("skip_out", (*skip_out_inputs(), EPS, SD)), ("group_norm_silu", (*gn_inputs()[:3], 4))]:
+        assert ops.explain(op, *args) == ops.Choice("cuda", {})
+    qkv = torch.randn(2, 3 * 2 * 4, 5)
+    assert ops.explain("attention", qkv, 2).skipped["cuda"] == "cmfast._C has no CPU kernel for attention"
+
+
+@pytest.mark.parametrize("built", [pytest.param(True, marks=needs_ext), False])
+def test_float64_falls_back_to_torch_with_a_reason(built, monkeypatch):
+    if not built:
+        monkeypatch.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
     choice = ops.explain("group_norm_silu", torch.randn(2, 8, 3, 3, dtype=torch.float64), None, None, 4)
     assert choice.backend == "torch"
-    assert "not built" in choice.skipped["cuda"]
+    expected = "x is torch.float64; cmfast._C kernels take float32, bfloat16 or float16" if built else NOT_BUILT
+    assert choice.skipped["cuda"] == expected
     if HAVE_TRITON:
         assert "torch.float64" in choice.skipped["triton"]
 
 
-def test_reasons_for_triton_environment(monkeypatch):
+def test_reasons_for_triton_environment(monkeypatch, without_extension):
     x, F, sigma = skip_out_inputs()
+    triton = _so.triton
     monkeypatch.setattr(_so, "triton", None)
     assert ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"] == "triton is not installed"
-    monkeypatch.undo()
+    monkeypatch.setattr(_so, "triton", triton)
     if not HAVE_TRITON:
         return
     monkeypatch.setattr(ops, "_interpreted", lambda module: False)
@@ -76,10 +101,26 @@ def test_reasons_for_triton_environment(monkeypatch):
     assert "not on meta" in ops.explain("skip_out", *meta, EPS, SD).skipped["triton"]
 
 
+@needs_ext
+def test_extension_takes_cpu_and_cuda_tensors_only():
+    meta = [t.to("meta") for t in skip_out_inputs()]
+    skipped = ops.explain("skip_out", *meta, EPS, SD).skipped
+    assert skipped["cuda"] == "cmfast._C runs on CPU and CUDA tensors, not on meta"
+
+
 def test_requested_backend_that_cannot_run_raises_with_reasons(monkeypatch):
     x, F, sigma = skip_out_inputs()
-    with pytest.raises(ops.BackendError, match="'cuda' .*not built"):
-        ops.skip_out(x, F, sigma, EPS, SD, backend="cuda")
+    if EXT:
+        with pytest.raises(ops.BackendError, match="'cuda' .*x is torch.float64; cmfast._C kernels take"):
+            ops.skip_out(x.double(), F.double(), sigma, EPS, SD, backend="cuda")
+        with pytest.raises(ops.BackendError, match="'cuda' .*F is torch.bfloat16 but x is torch.float32"):
+            ops.skip_out(x, F.bfloat16(), sigma, EPS, SD, backend="cuda")
+        with pytest.raises(ops.BackendError, match="'cuda' .*no CPU kernel for attention"):
+            ops.attention(torch.randn(1, 6, 4), 1, backend="cuda")
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
+        with pytest.raises(ops.BackendError, match="'cuda' .*not built"):
+            ops.skip_out(x, F, sigma, EPS, SD, backend="cuda")
     if HAVE_TRITON:
         with pytest.raises(ops.BackendError, match="'triton' .*CMFAST_BACKEND.*torch.float64"):
             monkeypatch.setenv("CMFAST_BACKEND", "triton")
@@ -90,10 +131,13 @@ def test_requested_backend_that_cannot_run_raises_with_reasons(monkeypatch):
 
 def test_environment_override(monkeypatch):
     x, F, sigma = skip_out_inputs()
+    automatic = ops.explain("skip_out", x, F, sigma, EPS, SD)
     monkeypatch.setenv("CMFAST_BACKEND", "torch")
     assert ops.explain("skip_out", x, F, sigma, EPS, SD) == ops.Choice("torch", {})
     monkeypatch.setenv("CMFAST_BACKEND", "auto")
-    assert ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["cuda"]
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD) == automatic
+    monkeypatch.delenv("CMFAST_BACKEND")
+    assert ops.explain("skip_out", x, F, sigma, EPS, SD) == automatic
     monkeypatch.setenv("CMFAST_BACKEND", "TPU")
     with pytest.raises(ValueError, match="'tpu' \\(CMFAST_BACKEND\\)"):
         ops.skip_out(x, F, sigma, EPS, SD)
@@ -156,14 +200,27 @@ def opcheck_cases(backend):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter])])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]),
+        pytest.param("cuda", marks=needs_ext),
+    ],
+)
 def test_opcheck(backend):
     for op, args in opcheck_cases(backend):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize(
-    "backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]), None]
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]),
+        pytest.param("cuda", marks=needs_ext),
+        None,
+    ],
 )
 def test_torch_compile_traces_the_ops_in_one_graph(backend):
     """A block that uses all three ops compiles with fullgraph=True; values and gradients match eager."""

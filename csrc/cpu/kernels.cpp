@@ -1,0 +1,504 @@
+// CPU kernels of the cmfast_ext ops: GroupNorm(+scale-shift)+SiLU forward and backward, skip/out, Heun step.
+//
+// Threads come from at::parallel_for (PyTorch's OpenMP pool). The inner loops are plain loops over one row of
+// elements that GCC vectorises; CMFAST_CLONES compiles each of them for AVX-512, AVX2 and baseline x86-64 and picks
+// one at load time, so the library runs on any x86-64 CPU and uses the widest vectors it has. Arithmetic is float32
+// whatever the storage dtype (float32, bfloat16, float16), and each output element is rounded once.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CMFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CMFAST_CLONES
+#endif
+
+namespace cmfast_ext {
+namespace {
+
+using at::Tensor;
+
+// --- element helpers ------------------------------------------------------------------------------------------------
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_float(float v) {
+  return T(v);  // c10's constructors round to nearest even
+}
+
+// e^x, branch-free so that loops over it vectorise: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
+// n ln2), e^r from Cephes' expf minimax polynomial (about 1 ulp), and 2^n added to the exponent bits. x is clamped to
+// [-87, 88.3], where both e^r 2^n stays a normal float; SiLU and sigmoid only need e^x to saturate outside it.
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.3f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest through the mantissa
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_f32(-z)); }
+
+inline float clamp1(float v) { return std::min(std::max(v, -1.0f), 1.0f); }
+
+// Runs f(begin, end) over [0, items) on PyTorch's threads, in one thread when all items together hold fewer than
+// about 32k elements (a parallel region costs more than such a loop).
+template <typename F>
+void parallel_items(int64_t items, int64_t elements_per_item, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, (32768 + elements_per_item - 1) / std::max<int64_t>(elements_per_item, 1));
+  at::parallel_for(0, items, grain, f);
+}
+
+constexpr int64_t kSumChunk = 64;    // elements summed in float before the running sum moves to double
+constexpr int64_t kRowsChunk = 64;   // channels_last: positions per work item
+constexpr int64_t kBlock = 16384;    // elementwise ops: elements per work item
+
+// --- GroupNorm + SiLU: row kernels ----------------------------------------------------------------------------------
+
+// s1 += sum (x - K), s2 += sum (x - K)^2 over a contiguous run of n elements. Shifting by K, an element of the group,
+// keeps the one-pass variance accurate when the mean is large against the spread.
+template <typename T>
+CMFAST_CLONES void shifted_sums(const T* __restrict x, int64_t n, float K, double* s1, double* s2) {
+  for (int64_t start = 0; start < n; start += kSumChunk) {
+    const int64_t end = std::min(n, start + kSumChunk);
+    float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = start; i < end; ++i) {
+      const float d = to_float(x[i]) - K;
+      a += d;
+      b += d * d;
+    }
+    *s1 += a;
+    *s2 += b;
+  }
+}
+
+// channels_last: per-channel s1[c] += sum_p (x[p, c] - K[c]), s2[c] += sum_p (x[p, c] - K[c])^2 over `rows` rows of C.
+template <typename T>
+CMFAST_CLONES void shifted_sums_rows(const T* __restrict x, int64_t rows, int64_t C, const float* __restrict K,
+                                     float* __restrict s1, float* __restrict s2) {
+  for (int64_t p = 0; p < rows; ++p) {
+    const T* row = x + p * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = to_float(row[c]) - K[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
+// y = act((x - m) A + t) over a contiguous run of one channel: A = a rstd, t the channel's shift.
+template <typename T, bool SILU>
+CMFAST_CLONES void affine_act(const T* __restrict x, T* __restrict y, int64_t n, float m, float A, float t) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float z = (to_float(x[i]) - m) * A + t;
+    if (SILU) z = z / (1.0f + exp_f32(-z));
+    y[i] = from_float<T>(z);
+  }
+}
+
+// channels_last: the same over `rows` rows of C channels, with per-channel m, A and t.
+template <typename T, bool SILU>
+CMFAST_CLONES void affine_act_rows(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
+                                   const float* __restrict m, const float* __restrict A, const float* __restrict t) {
+  for (int64_t p = 0; p < rows; ++p) {
+    const T* xr = x + p * C;
+    T* yr = y + p * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      float z = (to_float(xr[c]) - m[c]) * A[c] + t[c];
+      if (SILU) z = z / (1.0f + exp_f32(-z));
+      yr[c] = from_float<T>(z);
+    }
+  }
+}
+
+// Backward over one channel's n positions (element i at i * stride): sums of dz xhat and dz, with
+// dz = dy act'(xhat a + t) and act'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))) for SiLU.
+template <typename T, bool SILU>
+CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, int64_t n, int64_t stride, float m,
+                                 float r, float a, float t, double* sum_a, double* sum_b) {
+  for (int64_t start = 0; start < n; start += kSumChunk) {
+    const int64_t end = std::min(n, start + kSumChunk);
+    float sa = 0.0f, sb = 0.0f;
+#pragma omp simd reduction(+ : sa, sb)
+    for (int64_t i = start; i < end; ++i) {
+      const float xhat = (to_float(x[i * stride]) - m) * r;
+      float dz = to_float(dy[i * stride]);
+      if (SILU) {
+        const float z = xhat * a + t, sig = sigmoid(z);
+        dz *= sig * (1.0f + z * (1.0f - sig));
+      }
+      sa += dz * xhat;
+      sb += dz;
+    }
+    *sum_a += sa;
+    *sum_b += sb;
+  }
+}
+
+// dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)) over one channel's n positions.
+template <typename T, bool SILU>
+CMFAST_CLONES void backward_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n,
+                               int64_t stride, float m, float r, float a, float t, float mean_dxhat,
+                               float mean_dxhat_xhat) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (to_float(x[i * stride]) - m) * r;
+    float dz = to_float(dy[i * stride]);
+    if (SILU) {
+      const float z = xhat * a + t, sig = sigmoid(z);
+      dz *= sig * (1.0f + z * (1.0f - sig));
+    }
+    dx[i * stride] = from_float<T>(r * (dz * a - mean_dxhat - xhat * mean_dxhat_xhat));
+  }
+}
+
+// --- GroupNorm + SiLU: ops ------------------------------------------------------------------------------------------
+
+// Per-channel a = weight (1 + scale) and t = bias (1 + scale) + shift of sample b (no scale-shift: weight, bias).
+struct ChannelAffine {
+  const float *weight, *bias, *scale, *shift;
+  int64_t C;
+  void operator()(int64_t b, int64_t c, float* a, float* t) const {
+    *a = weight[c];
+    *t = bias[c];
+    if (scale != nullptr) {
+      const float s1 = 1.0f + scale[b * C + c];
+      *a *= s1;
+      *t = *t * s1 + shift[b * C + c];
+    }
+  }
+};
+
+ChannelAffine channel_affine(const GroupNormParams& p, int64_t C) {
+  return {p.weight.data_ptr<float>(), p.bias.data_ptr<float>(),
+          p.scale.defined() ? p.scale.data_ptr<float>() : nullptr,
+          p.shift.defined() ? p.shift.data_ptr<float>() : nullptr, C};
+}
+
+// Mean and rstd of a group of n elements from its shifted sums (double), as float32.
+inline void finish_stats(double K, double s1, double s2, int64_t n, double eps, float* mean, float* rstd) {
+  const double m1 = s1 / n;
+  *mean = static_cast<float>(K + m1);
+  *rstd = static_cast<float>(1.0 / std::sqrt(std::max(s2 / n - m1 * m1, 0.0) + eps));
+}
+
+template <typename T, bool SILU>
+void gn_forward_nchw(const T* x, T* y, int64_t B, int64_t C, int64_t G, int64_t HW, double eps, const ChannelAffine& aff,
+                     float* mean, float* rstd) {
+  const int64_t cpg = C / G, n = cpg * HW;
+  parallel_items(B * G, n, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, c0 = (bg % G) * cpg;
+      const T* xg = x + bg * n;
+      const float K = to_float(xg[0]);
+      double s1 = 0.0, s2 = 0.0;
+      shifted_sums(xg, n, K, &s1, &s2);
+      finish_stats(K, s1, s2, n, eps, &mean[bg], &rstd[bg]);
+      for (int64_t c = c0; c < c0 + cpg; ++c) {
+        float a, t;
+        aff(b, c, &a, &t);
+        affine_act<T, SILU>(x + (b * C + c) * HW, y + (b * C + c) * HW, HW, mean[bg], a * rstd[bg], t);
+      }
+    }
+  });
+}
+
+// channels_last: sample b is HW rows of C channels. Per-channel shifted sums over chunks of rows (in parallel), merged
+// into each group's statistics, then a second sweep applies the per-channel affine and the activation.
+template <typename T, bool SILU>
+void gn_forward_channels_last(const T* x, T* y, int64_t B, int64_t C, int64_t G, int64_t HW, double eps,
+                              const ChannelAffine& aff, float* mean, float* rstd) {
+  const int64_t cpg = C / G, chunks = (HW + kRowsChunk - 1) / kRowsChunk;
+  std::vector<float> K(B * C);  // the shift of channel c: the group's first element
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) K[b * C + c] = to_float(x[b * HW * C + (c / cpg) * cpg]);
+  }
+  std::vector<double> part1(B * chunks * C), part2(B * chunks * C);
+  parallel_items(B * chunks, kRowsChunk * C, [&](int64_t begin, int64_t end) {
+    std::vector<float> s1(C), s2(C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, p0 = (item % chunks) * kRowsChunk, rows = std::min(kRowsChunk, HW - p0);
+      std::fill(s1.begin(), s1.end(), 0.0f);
+      std::fill(s2.begin(), s2.end(), 0.0f);
+      shifted_sums_rows(x + (b * HW + p0) * C, rows, C, &K[b * C], s1.data(), s2.data());
+      std::copy(s1.begin(), s1.end(), &part1[item * C]);
+      std::copy(s2.begin(), s2.end(), &part2[item * C]);
+    }
+  });
+  std::vector<float> M(B * C), A(B * C), Tc(B * C);  // per (sample, channel): group mean, a rstd, t
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+          s1 += part1[(b * chunks + k) * C + c];
+          s2 += part2[(b * chunks + k) * C + c];
+        }
+      }
+      const int64_t bg = b * G + g;
+      finish_stats(K[b * C + g * cpg], s1, s2, cpg * HW, eps, &mean[bg], &rstd[bg]);
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        float a, t;
+        aff(b, c, &a, &t);
+        M[b * C + c] = mean[bg];
+        A[b * C + c] = a * rstd[bg];
+        Tc[b * C + c] = t;
+      }
+    }
+  }
+  parallel_items(B * chunks, kRowsChunk * C, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, p0 = (item % chunks) * kRowsChunk, rows = std::min(kRowsChunk, HW - p0);
+      const int64_t off = (b * HW + p0) * C;
+      affine_act_rows<T, SILU>(x + off, y + off, rows, C, &M[b * C], &A[b * C], &Tc[b * C]);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cpu(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                       const std::optional<Tensor>& scale,
+                                                       const std::optional<Tensor>& shift, int64_t num_groups,
+                                                       double eps, bool silu) {
+  const auto p = check_group_norm("cmfast_ext::group_norm_silu", x, weight, bias, scale, shift, num_groups);
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format);
+  Tensor y = new_output(xc, format);
+  const int64_t B = x.size(0), C = x.size(1), G = num_groups;
+  Tensor mean = at::zeros({B, G}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::zeros({B, G}, x.options().dtype(at::kFloat));
+  if (xc.numel() == 0) return {y, mean, rstd};
+  const int64_t HW = xc.numel() / (B * C);
+  const auto aff = channel_affine(p, C);
+  CMFAST_DISPATCH(x.scalar_type(), "group_norm_silu_cpu", [&] {
+    auto run = [&](auto silu_tag) {
+      constexpr bool SILU = decltype(silu_tag)::value;
+      auto kernel = format == at::MemoryFormat::ChannelsLast ? gn_forward_channels_last<scalar_t, SILU>
+                                                             : gn_forward_nchw<scalar_t, SILU>;
+      kernel(xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), B, C, G, HW, eps, aff,
+             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());
+    };
+    silu ? run(std::true_type{}) : run(std::false_type{});
+  });
+  return {y, mean, rstd};
+}
+
+// Parallel over (sample, group); channels_last reads with a stride of C (the backward is not tuned).
+std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy, const Tensor& x,
+                                                                const Tensor& weight, const Tensor& bias,
+                                                                const std::optional<Tensor>& scale,
+                                                                const std::optional<Tensor>& shift, const Tensor& mean,
+                                                                const Tensor& rstd, int64_t num_groups, bool silu) {
+  const char* op = "cmfast_ext::group_norm_silu_backward";
+  const auto p = check_group_norm(op, x, weight, bias, scale, shift, num_groups);
+  check_like(op, "dy", dy, x);
+  const int64_t B = x.size(0), C = x.size(1), G = num_groups;
+  const std::pair<const char*, const Tensor*> stats[] = {{"mean", &mean}, {"rstd", &rstd}};
+  for (auto [name, t] : stats) {
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == B && t->size(1) == G, op, ": ",
+                name, " must be float32 of shape (B, num_groups) = (", B, ", ", G, "), got ", t->scalar_type(), " ",
+                t->sizes());
+  }
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), dyc = dy.contiguous(format);
+  const Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  Tensor dx = new_output(xc, format);
+  Tensor sum_a = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  Tensor sum_b = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  if (xc.numel() == 0) return {dx, sum_a, sum_b};
+  const int64_t HW = xc.numel() / (B * C), cpg = C / G, n = cpg * HW;
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  const int64_t stride_c = cl ? 1 : HW, stride_p = cl ? C : 1;  // within a sample
+  const auto aff = channel_affine(p, C);
+  const float *m = mc.const_data_ptr<float>(), *r = rc.const_data_ptr<float>();
+  float *sa = sum_a.mutable_data_ptr<float>(), *sb = sum_b.mutable_data_ptr<float>();
+  CMFAST_DISPATCH(x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
+    auto run = [&](auto silu_tag) {
+      constexpr bool SILU = decltype(silu_tag)::value;
+      const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *dyp = dyc.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      parallel_items(B * G, 2 * n, [&](int64_t begin, int64_t end) {
+        for (int64_t bg = begin; bg < end; ++bg) {
+          const int64_t b = bg / G, c0 = (bg % G) * cpg;
+          double mean_dxhat = 0.0, mean_dxhat_xhat = 0.0;
+          for (int64_t c = c0; c < c0 + cpg; ++c) {
+            float a, t;
+            aff(b, c, &a, &t);
+            const int64_t off = b * C * HW + c * stride_c;
+            double s_a = 0.0, s_b = 0.0;
+            backward_sums<scalar_t, SILU>(xp + off, dyp + off, HW, stride_p, m[bg], r[bg], a, t, &s_a, &s_b);
+            sa[b * C + c] = static_cast<float>(s_a);
+            sb[b * C + c] = static_cast<float>(s_b);
+            mean_dxhat += a * s_b / n;
+            mean_dxhat_xhat += a * s_a / n;
+          }
+          for (int64_t c = c0; c < c0 + cpg; ++c) {
+            float a, t;
+            aff(b, c, &a, &t);
+            const int64_t off = b * C * HW + c * stride_c;
+            backward_dx<scalar_t, SILU>(xp + off, dyp + off, dxp + off, HW, stride_p, m[bg], r[bg], a, t,
+                                        static_cast<float>(mean_dxhat), static_cast<float>(mean_dxhat_xhat));
+          }
+        }
+      });
+    };
+    silu ? run(std::true_type{}) : run(std::false_type{});
+  });
+  return {dx, sum_a, sum_b};
+}
+
+// --- skip/out and the Heun step -------------------------------------------------------------------------------------
+
+template <typename T, bool CLAMP>
+CMFAST_CLONES void skip_out_row(const T* __restrict x, const T* __restrict f, T* __restrict out, int64_t n,
+                                float c_skip, float c_out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float o = c_skip * to_float(x[i]) + c_out * to_float(f[i]);
+    out[i] = from_float<T>(CLAMP ? clamp1(o) : o);
+  }
+}
+
+// EDM's coefficients at sigma (cmfast.preconditioning.edm_c_skip, edm_c_out), in float32 as the reference computes them.
+struct EdmCoefficients {
+  float c_skip, c_out;
+  EdmCoefficients(float sigma, float sigma_data, float sd2) {
+    c_skip = sd2 / (sigma * sigma + sd2);
+    c_out = sigma * sigma_data / std::sqrt(sigma * sigma + sd2);
+  }
+};
+
+// Pass 1 (HEUN false): x_e = x + (s - t) d with d = (x - D(x, t)) / t; pass 2: x + (s - t) (d + d') / 2 with
+// d' = (x_e - D(x_e, s)) / s. D = c_skip x + c_out F, clamped to [-1, 1] with CLAMP.
+template <typename T, bool HEUN, bool CLAMP>
+CMFAST_CLONES void heun_row(const T* __restrict x, const T* __restrict f, const T* __restrict f_next,
+                            T* __restrict out, int64_t n, float t, float s, EdmCoefficients at_t,
+                            EdmCoefficients at_s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xv = to_float(x[i]);
+    float D = at_t.c_skip * xv + at_t.c_out * to_float(f[i]);
+    if (CLAMP) D = clamp1(D);
+    const float d = (xv - D) / t;
+    float x_next = xv + (s - t) * d;
+    if (HEUN) {
+      float D2 = at_s.c_skip * x_next + at_s.c_out * to_float(f_next[i]);
+      if (CLAMP) D2 = clamp1(D2);
+      const float d2 = (x_next - D2) / s;
+      x_next = xv + (s - t) * (d + d2) / 2.0f;
+    }
+    out[i] = from_float<T>(x_next);
+  }
+}
+
+// Work items are blocks of kBlock elements of one sample, so each item's coefficients are those of one sigma.
+template <typename F>
+void per_sample_blocks(int64_t B, int64_t n, const F& f) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  parallel_items(B * blocks, std::min(n, kBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, start = (item % blocks) * kBlock;
+      f(b, b * n + start, std::min(kBlock, n - start));
+    }
+  });
+}
+
+Tensor skip_out_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, double sigma_min, double sigma_data,
+                    bool clamp) {
+  const char* op = "cmfast_ext::skip_out";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  check_dtype(op, "x", x);
+  check_like(op, "F", F, x);
+  const Tensor sig = per_sample(op, "sigma", sigma, x);
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), Fc = F.contiguous(format);
+  Tensor out = new_output(xc, format);
+  if (out.numel() == 0) return out;
+  const int64_t B = x.size(0), n = xc.numel() / B;
+  const float smin = static_cast<float>(sigma_min), sd = static_cast<float>(sigma_data);
+  const float sd2 = static_cast<float>(sigma_data * sigma_data);
+  const float* s = sig.const_data_ptr<float>();
+  CMFAST_DISPATCH(x.scalar_type(), "skip_out_cpu", [&] {
+    const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *fp = Fc.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    per_sample_blocks(B, n, [&](int64_t b, int64_t off, int64_t len) {
+      const float d = s[b] - smin;  // Appendix C: c_skip = 1 and c_out = 0 at sigma_min, so f(x, sigma_min) = x
+      const float c_skip = sd2 / (d * d + sd2), c_out = sd * d / std::sqrt(s[b] * s[b] + sd2);
+      (clamp ? skip_out_row<scalar_t, true> : skip_out_row<scalar_t, false>)(xp + off, fp + off, op_ + off, len,
+                                                                              c_skip, c_out);
+    });
+  });
+  return out;
+}
+
+Tensor heun_step_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, const Tensor& sigma_next,
+                     const std::optional<Tensor>& F_next, double sigma_data, bool clamp) {
+  const char* op = "cmfast_ext::heun_step";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  check_dtype(op, "x", x);
+  check_like(op, "F", F, x);
+  if (F_next.has_value()) check_like(op, "F_next", *F_next, x);
+  const Tensor t = per_sample(op, "sigma", sigma, x), s = per_sample(op, "sigma_next", sigma_next, x);
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), Fc = F.contiguous(format);
+  const Tensor Fn = F_next.has_value() ? F_next->contiguous(format) : Fc;
+  Tensor out = new_output(xc, format);
+  if (out.numel() == 0) return out;
+  const int64_t B = x.size(0), n = xc.numel() / B;
+  const float sd = static_cast<float>(sigma_data), sd2 = static_cast<float>(sigma_data * sigma_data);
+  const float *tp = t.const_data_ptr<float>(), *sp = s.const_data_ptr<float>();
+  CMFAST_DISPATCH(x.scalar_type(), "heun_step_cpu", [&] {
+    const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *fp = Fc.const_data_ptr<scalar_t>();
+    const scalar_t* fnp = Fn.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    auto row = F_next.has_value() ? (clamp ? heun_row<scalar_t, true, true> : heun_row<scalar_t, true, false>)
+                                  : (clamp ? heun_row<scalar_t, false, true> : heun_row<scalar_t, false, false>);
+    per_sample_blocks(B, n, [&](int64_t b, int64_t off, int64_t len) {
+      row(xp + off, fp + off, fnp + off, op_ + off, len, tp[b], sp[b], EdmCoefficients(tp[b], sd, sd2),
+          EdmCoefficients(sp[b], sd, sd2));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cmfast_ext, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("skip_out", &skip_out_cpu);
+  m.impl("heun_step", &heun_step_cpu);
+}
+
+}  // namespace cmfast_ext
