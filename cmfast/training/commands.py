@@ -82,6 +82,12 @@ def add_commands(sub) -> None:
             p.add_argument("--num-scales", type=int, help="N, points of the Karras grid")
             p.add_argument("--solver", choices=["heun", "euler"], help="teacher ODE solver")
             p.add_argument("--target-ema", type=float, help="mu, EMA rate of the target network")
+            p.add_argument(
+                "--graph",
+                action="store_true",
+                help="run each step as one captured CUDA graph (teacher, target, online forward/backward, RAdam, "
+                "EMAs); needs CUDA, one process, --dropout 0 and --precision no/bf16 (falls back to eager on a CPU)",
+            )
         if kind == "ct":
             p.add_argument("--s0", type=int, help="initial discretization steps")
             p.add_argument("--s1", type=int, help="final discretization steps")
@@ -122,7 +128,14 @@ def run_command(args) -> None:
     from .trainer import Trainer
 
     config = resolve_config(args)
-    trainer = Trainer(config, args.run_dir, resume=args.resume, progress=not args.no_progress, device=args.device)
+    trainer = Trainer(
+        config,
+        args.run_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        device=args.device,
+        graph=getattr(args, "graph", False),
+    )
     path = trainer.train()
     if trainer.dist.is_main:
         print(f"wrote {path} (step {trainer.step}); samples in {Path(args.run_dir) / 'samples'}")

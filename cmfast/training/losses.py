@@ -16,6 +16,7 @@ is n = N - 1 - j: the online model sees t_(n+1) = sigma(j), the target t_n = sig
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -93,6 +94,8 @@ class _ConsistencyLoss:
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.index_sampling = "uniform"
         self.p_mean, self.p_std = -1.1, 2.0
+        # replay the RNG so online and target draw the same dropout masks; off in captured steps (no dropout there)
+        self.share_dropout = True
 
     def grid(self, n: int) -> Tensor:
         """The descending Karras grid of n points, float64 on CPU."""
@@ -100,6 +103,19 @@ class _ConsistencyLoss:
 
     def sample_sigmas(self, n: int, images: Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
         """(sigma(j), sigma(j+1)) per sample, j drawn over {0..n-2} uniformly (Algorithms 2-3) or by iCT's lognormal."""
+        return self.sigmas_at(n, self.sample_indices(n, images, generator))
+
+    def sigmas_at(self, n: int, j: Tensor) -> tuple[Tensor, Tensor]:
+        """(sigma(j), sigma(j+1)) of the grid of n points, float64 on j's device (the device copy is cached, so a
+        CUDA graph can capture the lookup)."""
+        key = (n, j.device)
+        if getattr(self, "_grid_cache", (None,))[0] != key:
+            self._grid_cache = (key, self.grid(n).to(j.device))
+        grid = self._grid_cache[1]
+        return grid[j], grid[j + 1]
+
+    def sample_indices(self, n: int, images: Tensor, generator: Generators) -> Tensor:
+        """Grid indices j in {0..n-2}, one per sample, on images' device."""
         b, grid = images.shape[0], self.grid(n)
         if self.index_sampling == "uniform":
             j = randint(n - 1, b, generator, images.device)
@@ -112,16 +128,14 @@ class _ConsistencyLoss:
                 if len(generator) != b:
                     raise ValueError(f"got {len(generator)} generators for a batch of {b}")
                 j = torch.cat([torch.multinomial(probs.to(g.device), 1, generator=g).cpu() for g in generator])
-            j = j.to(images.device)
-        grid = grid.to(images.device)
-        return grid[j], grid[j + 1]
+        return j.to(images.device)
 
     def consistency(
         self, net: Network, x_hi: Tensor, sigma_hi: Tensor, x_lo: Tensor, sigma_lo: Tensor, labels: Tensor | None
     ) -> Tensor:
         """lambda d(f_theta(x_hi, sigma_hi), f_theta-(x_lo, sigma_lo)), dropout shared; sigmas are (B,) float64."""
         dtype = x_hi.dtype
-        rng = SharedRNG(x_hi.device)
+        rng = SharedRNG(x_hi.device) if self.share_dropout else nullcontext()
         with rng:
             online = net(x_hi, sigma_hi.to(dtype), labels)
         with rng, torch.no_grad():
@@ -191,8 +205,17 @@ class CDLoss(_ConsistencyLoss):
         step: int = 0,
         generator: Generators = None,
     ) -> Tensor:
-        z = randn(images.shape, generator, images.device, images.dtype)  # noise, then indices, as the official code
-        sigma_hi, sigma_lo = self.sample_sigmas(self._num_scales, images, generator)
+        return self.loss_from_draws(net, images, labels, *self.draw(images, generator))
+
+    def draw(self, images: Tensor, generator: Generators = None) -> tuple[Tensor, Tensor]:
+        """The step's randomness: the noise z, then the grid indices j (the official code's order)."""
+        z = randn(images.shape, generator, images.device, images.dtype)
+        return z, self.sample_indices(self._num_scales, images, generator)
+
+    def loss_from_draws(self, net: Network, images: Tensor, labels: Tensor | None, z: Tensor, j: Tensor) -> Tensor:
+        """The per-sample loss for given noise and indices: no randomness and no host synchronisation, so a CUDA
+        graph can capture it (cmfast.training.graph_step)."""
+        sigma_hi, sigma_lo = self.sigmas_at(self._num_scales, j)
         dtype = images.dtype
         x_hi = images + _per_sample(sigma_hi.to(dtype)) * z  # x_(t_(n+1)) = x + t_(n+1) z
         with torch.no_grad():

@@ -36,6 +36,7 @@ from ..sampling import generators_from_seeds, heun_sample, multistep_sigmas, ran
 from . import state as ckpt
 from .config import TrainConfig
 from .distributed import init_distributed
+from .graph_step import CapturedCDStep, captured_step_problems
 from .losses import CDLoss, CTLoss, EDMLoss
 from .state import TrainingError
 
@@ -55,6 +56,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         device: str | None = None,
+        graph: bool = False,
     ):
         self.cfg = config
         self.run_dir = Path(run_dir)
@@ -67,7 +69,15 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.data = load_dataset(config.dataset)
         self._build_models()
-        self.optimizer = torch.optim.RAdam(self.online.parameters(), lr=config.lr)
+        self.graph = graph
+        if graph and self.device.type != "cuda":
+            print(f"cmfast: --graph: CUDA graphs need a CUDA device, this run is on {self.device}; training eagerly")
+            self.graph = False
+        if self.graph and captured_step_problems(self):
+            raise TrainingError("--graph: " + "; ".join(captured_step_problems(self)))
+        self._captured = None
+        # capturable: RAdam keeps its step count on the GPU, as a captured step needs
+        self.optimizer = torch.optim.RAdam(self.online.parameters(), lr=config.lr, capturable=self.graph)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.loss_fn = self._build_loss()
         self.step = 0
@@ -194,6 +204,8 @@ class Trainer:
         """One optimizer step (or a skipped one); returns the values to log."""
         cfg, step = self.cfg, self.step
         images, labels, gens = self._batch(step)
+        if self.graph:
+            return self._captured_train_step(images, labels, gens)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model, images, labels, step=step, generator=gens).mean()
         self.scaler.scale(loss).backward()
@@ -225,6 +237,16 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         return {"loss": global_loss, "ok": ok}
+
+    def _captured_train_step(self, images, labels, gens) -> dict:
+        """The same step through one CUDA graph (captured at the first step); the randomness is drawn here, as the
+        eager step draws it."""
+        z, j = self.loss_fn.draw(images, gens)
+        if self._captured is None:
+            self._captured = CapturedCDStep(self, images, labels, z, j)
+        loss = self._captured(images, labels, z, j)
+        self.step += 1
+        return {"loss": loss, "ok": True}
 
     @torch.no_grad()
     def _update_averages(self, step: int) -> None:
