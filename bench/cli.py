@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from .common import machine, table, write_results
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="include torch.compile baselines (default: on CUDA only; on a CPU it compiles with a C++ toolchain)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default="max-autotune",
+        help="torch.compile mode of the whole-model suites (max-autotune tunes for minutes; 'default' is quicker)",
+    )
+    parser.add_argument("--budget-s", type=float, default=1e9, help="whole-model suites: skip what starts later")
     args = parser.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.out and len(suites) > 1:
@@ -41,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {info['device']}; torch {info['torch']}, triton {info.get('triton')}, {info['date']}")
     for suite in suites:
         module = importlib.import_module(SUITES[suite])
-        rows, extra = module.run(quick=args.quick, compile=args.compile, log=lambda s: print(s, flush=True))
+        options = {"compile_mode": args.compile_mode, "budget_s": args.budget_s}
+        accepted = inspect.signature(module.run).parameters
+        options = {k: v for k, v in options.items() if k in accepted}
+        rows, extra = module.run(quick=args.quick, compile=args.compile, log=lambda s: print(s, flush=True), **options)
         path = write_results(suite + ("-quick" if args.quick else ""), info, rows, {"ceilings": extra}, args.out)
         print(f"\n## {suite} ({info['device']}); full results: {path}\n")
         print(table(module.summary(rows), module.SUMMARY_COLUMNS))

@@ -44,7 +44,8 @@ def machine() -> dict:
     try:
         from cmfast import ops
 
-        info["cmfast_extension"] = ops._EXTENSION_BUILT
+        reason = ops._extension_reason() if hasattr(ops, "_extension_reason") else "unknown"
+        info["cmfast_extension"] = reason or "loaded"
     except ImportError:
         pass
     return info

@@ -1,0 +1,162 @@
+"""One consistency-distillation training step (issue 7): images/s and peak memory, random weights and data.
+
+The step of Algorithm 2 as `cmfast distill` runs it: the teacher's Heun step (two evaluations, no gradients), the
+target's evaluation, the online forward and backward, RAdam, the EMA updates of the target and one EMA. Variants:
+  eager-amp     bf16 autocast, eager PyTorch
+  compile       the same with the three backbones (teacher, target, online) under torch.compile
+  cmfast        bf16 with cmfast's fused ops (set_fused_ops) and the whole step captured as one CUDA graph
+                (cmfast.training.graph_step), as `cmfast distill --graph` runs it
+Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 (GPU); the digits network at batch 32 on a CPU.
+Distances: l2 and LPIPS (VGG, random backbone: its speed does not depend on the weights).
+Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput: the step's FLOPs are counted by
+torch.utils.flop_counter on one eager step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from types import SimpleNamespace
+
+import torch
+
+import cmfast
+from cmfast.generate import image_shape
+from cmfast.networks import set_fused_ops
+from cmfast.training.distances import get_distance
+from cmfast.training.graph_step import CapturedCDStep
+from cmfast.training.losses import CDLoss
+from cmfast.training.trainer import Trainer
+
+from .common import peak_tflops, time_ms
+
+GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
+CPU_CASES = [("ddpmpp-digits8", 32, 0)]
+SUMMARY_COLUMNS = ["model", "batch", "distance", "variant", "ms", "images_s", "peak_mem_gib", "pct_peak", "x_eager"]
+
+
+class _Step(SimpleNamespace):
+    """What CapturedCDStep reads from a Trainer, without a dataset or a run directory."""
+
+    _update_averages = Trainer._update_averages
+
+
+def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled: bool, graph: bool, mode: str):
+    torch.manual_seed(0)
+    net = cmfast.build_network(preset)
+    teacher = cmfast.EDMDenoiser(copy.deepcopy(net)).to(device).eval().requires_grad_(False)
+    online = cmfast.ConsistencyModel(net).to(device).train()
+    target = copy.deepcopy(online).requires_grad_(False)
+    ema = copy.deepcopy(online).eval().requires_grad_(False)
+    for m in (teacher, online, target):
+        m.autocast_dtype = torch.bfloat16 if device == "cuda" else None
+        if fused:
+            set_fused_ops(m.net)
+        if compiled:
+            m.net = torch.compile(m.net, mode=mode)
+    dist = get_distance("lpips", pretrained_backbone=False) if distance == "lpips" else "l2"
+    loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95)
+    optimizer = torch.optim.RAdam(online.parameters(), lr=1e-5, capturable=graph)
+    cfg = SimpleNamespace(kind="cd", mixed_precision="bf16")
+    t = _Step(
+        cfg=cfg,
+        device=torch.device(device),
+        dist=SimpleNamespace(world=1),
+        net_config=net.config,
+        loss_fn=loss_fn,
+        model=online,
+        online=online,
+        target=target,
+        emas={0.999: ema},
+        optimizer=optimizer,
+        step=0,
+    )
+    shape = (batch, *image_shape(online))
+    g = torch.Generator(device).manual_seed(1)
+    images = torch.rand(shape, device=device, generator=g) * 2 - 1
+    labels = torch.randint(n_classes, (batch,), device=device, generator=g) if n_classes else None
+    z, j = loss_fn.draw(images, g)
+    if graph:
+        captured = CapturedCDStep(t, images, labels, z, j)
+        return lambda: captured(images, labels, z, j)
+
+    def eager():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn.loss_from_draws(online, images, labels, z, j).mean()
+        loss.backward()
+        optimizer.step()
+        t._update_averages(0)
+        return loss
+
+    return eager
+
+
+def _step_flops(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def run(
+    quick: bool = False,
+    compile: bool | None = None,
+    log=print,
+    compile_mode: str = "max-autotune",
+    budget_s: float = 1e9,
+) -> tuple[list[dict], dict]:
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = GPU_CASES if device == "cuda" else CPU_CASES
+    compile = device == "cuda" if compile is None else compile
+    distances = ("l2",) if quick or device == "cpu" else ("l2", "lpips")
+    deadline = time.monotonic() + budget_s
+    peak = peak_tflops(device)
+    rows = []
+    for preset, batch, n_classes in cases:
+        for distance in distances:
+            variants = {"eager-amp": dict(fused=False, compiled=False, graph=False)}
+            if compile:
+                variants["compile"] = dict(fused=False, compiled=True, graph=False)
+            variants["cmfast"] = dict(fused=True, compiled=False, graph=device == "cuda")
+            flops = None
+            for name, how in variants.items():
+                row = dict(model=preset, batch=batch, distance=distance, variant=name)
+                if time.monotonic() > deadline:
+                    rows.append({**row, "skipped": "the suite's time budget ran out"})
+                    continue
+                try:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    step = _make_step(preset, batch, n_classes, distance, device, mode=compile_mode, **how)
+                    if flops is None:
+                        flops = _step_flops(step)
+                    ms = time_ms(step, device, rep_ms=300)
+                except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
+                    rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    log(f"{preset} {distance} {name}: {rows[-1]['skipped']}")
+                    continue
+                row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops / ms / 1e9)
+                row["pct_peak"] = 100 * row["tflop_s"] / peak
+                if device == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                rows.append(row)
+                log(
+                    f"{preset:16s} b={batch:<4d} {distance:6s} {name:10s} {ms:9.2f} ms  {row['images_s']:8.1f} img/s  "
+                    f"{row.get('peak_mem_gib', 0):6.1f} GiB  {row['pct_peak']:5.1f}% of peak"
+                )
+                del step
+    return rows, {"tflops": peak}
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    by = {(r["model"], r["distance"], r["variant"]): r for r in rows if "ms" in r}
+    out = []
+    for (model, distance, _variant), r in by.items():
+        line = {k: r.get(k) for k in SUMMARY_COLUMNS}
+        base = by.get((model, distance, "eager-amp"))
+        line["x_eager"] = base["ms"] / r["ms"] if base else None
+        out.append(line)
+    return out

@@ -1,0 +1,202 @@
+"""One-step sampling throughput and batch-1 latency (issue 7), random weights (speed does not depend on them).
+
+Variants, each timed in the same run on the same device:
+  eager-fp32      ConsistencyModel + Algorithm 1 in float32, NCHW
+  eager-bf16      the same under bf16 autocast, channels_last
+  compile         torch.compile of the backbone (bf16 autocast; --compile-mode, default max-autotune)
+  cmfast-fused    bf16 with cmfast's fused GroupNorm+SiLU / attention (set_fused_ops)
+  cmfast-graph    cmfast-fused replayed as a CUDA graph (cmfast.graphs)
+  diffusers       diffusers' ConsistencyModelPipeline over a UNet2DModel of the same widths (bf16 weights), when
+                  diffusers is installed: the peer a user would otherwise pick
+Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput (the model's FLOPs counted by
+torch.utils.flop_counter at batch 1). On a CPU: the small presets, eager and cmfast-fused only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import cmfast
+from cmfast.generate import image_shape
+from cmfast.graphs import graphed_sampler
+from cmfast.networks import set_fused_ops
+
+from .common import peak_tflops, time_ms
+
+GPU_MODELS = {"ddpmpp-cifar10": 0, "adm-imagenet64": 1000}  # preset -> classes
+CPU_MODELS = {"ddpmpp-tiny": 0, "adm-tiny": 10}
+BATCHES_GPU, BATCHES_CPU = (1, 16, 64, 256), (1, 16)
+SUMMARY_COLUMNS = ["model", "variant", "batch", "ms", "images_s", "tflop_s", "pct_peak", "x_eager_bf16", "x_compile"]
+
+
+def _model(preset: str, device: str, autocast, channels_last: bool, fused: bool) -> cmfast.ConsistencyModel:
+    torch.manual_seed(0)
+    model = cmfast.ConsistencyModel(cmfast.build_network(preset)).to(device).eval().requires_grad_(False)
+    model.autocast_dtype = autocast
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if fused:
+        set_fused_ops(model.net)
+    return model
+
+
+def _flops_per_image(model, shape, labels) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, *shape, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, 80.0, labels[:1] if labels is not None else None)
+    return float(counter.get_total_flops())
+
+
+def _diffusers_pipeline(preset: str, device: str):
+    """ConsistencyModelPipeline over a UNet2DModel with the preset's widths, depth and attention resolutions (the
+    layout diffusers' own conversion of the official ImageNet-64 checkpoint uses), bf16 weights."""
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+
+    if preset == "adm-imagenet64":
+        unet = UNet2DModel(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=3,
+            num_class_embeds=1000,
+            block_out_channels=(192, 384, 576, 768),
+            attention_head_dim=64,
+            down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            resnet_time_scale_shift="scale_shift",
+            upsample_type="resnet",
+            downsample_type="resnet",
+        )
+    else:
+        unet = UNet2DModel(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=4,
+            block_out_channels=(128, 256, 256, 256),
+            attention_head_dim=256,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
+    pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler).to(device, torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, sum(p.numel() for p in unet.parameters())
+
+
+def run(
+    quick: bool = False,
+    compile: bool | None = None,
+    log=print,
+    compile_mode: str = "max-autotune",
+    budget_s: float = 1e9,
+) -> tuple[list[dict], dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = GPU_MODELS if device == "cuda" else CPU_MODELS
+    batches = (BATCHES_GPU if not quick else (1, 256)) if device == "cuda" else BATCHES_CPU
+    compile = device == "cuda" if compile is None else compile
+    deadline = time.monotonic() + budget_s
+    peak = peak_tflops(device)
+    log(f"measured bf16 matrix throughput on {device}: {peak:.3g} TFLOP/s")
+    rows = []
+    for preset, n_classes in models.items():
+        variants = {
+            "eager-fp32": dict(autocast=None, channels_last=False, fused=False),
+            "eager-bf16": dict(autocast=torch.bfloat16, channels_last=True, fused=False),
+            "cmfast-fused": dict(autocast=torch.bfloat16, channels_last=False, fused=True),
+        }
+        if device == "cuda":
+            variants["cmfast-graph"] = dict(autocast=torch.bfloat16, channels_last=False, fused=True)
+        if compile:
+            variants["compile"] = dict(autocast=torch.bfloat16, channels_last=True, fused=False)
+        flops = None
+        for name, how in variants.items():
+            model = _model(preset, device, **how)
+            shape = image_shape(model)
+            if name == "compile":
+                model.net = torch.compile(model.net, mode=compile_mode)
+            for batch in batches:
+                row = dict(model=preset, variant=name, batch=batch)
+                if time.monotonic() > deadline:
+                    rows.append({**row, "skipped": "the suite's time budget ran out"})
+                    continue
+                noise = torch.randn(batch, *shape, device=device)
+                labels = torch.randint(n_classes, (batch,), device=device) if n_classes else None
+                if flops is None:
+                    flops = _flops_per_image(model, shape, labels)
+                if name == "cmfast-graph":
+                    sampler = graphed_sampler(model, noise.shape, noise.dtype, [model.sigma_max], labels is not None)
+
+                    def fn(sampler=sampler, noise=noise, labels=labels):
+                        return sampler(noise, (), labels)
+                else:
+
+                    def fn(model=model, noise=noise, labels=labels):
+                        return cmfast.sample(model, noise, [model.sigma_max], class_labels=labels)
+
+                try:
+                    with torch.inference_mode():
+                        ms = time_ms(fn, device, rep_ms=200)
+                except Exception as e:  # noqa: BLE001 (an OOM or a compile failure is a result to report)
+                    rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    log(f"{preset} {name} b={batch}: {rows[-1]['skipped']}")
+                    continue
+                row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops * batch / ms / 1e9)
+                row["pct_peak"] = 100 * row["tflop_s"] / peak
+                rows.append(row)
+                log(
+                    f"{preset:16s} {name:13s} b={batch:<4d} {ms:9.3f} ms  {row['images_s']:9.1f} img/s  "
+                    f"{row['pct_peak']:5.1f}% of peak"
+                )
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if device == "cuda":
+            rows += _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log)
+    return rows, {"tflops": peak}
+
+
+def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> list[dict]:
+    try:
+        pipe, n_params = _diffusers_pipeline(preset, "cuda")
+    except Exception as e:  # noqa: BLE001 (diffusers missing, or an API it changed)
+        log(f"diffusers: {type(e).__name__}: {e}")
+        return [dict(model=preset, variant="diffusers", skipped=f"{type(e).__name__}: {str(e)[:200]}")]
+    rows = []
+    for batch in batches:
+        row = dict(model=preset, variant="diffusers", batch=batch, unet_parameters=n_params)
+        if time.monotonic() > deadline:
+            rows.append({**row, "skipped": "the suite's time budget ran out"})
+            continue
+        kwargs = dict(batch_size=batch, num_inference_steps=1, output_type="pt")
+        if n_classes:
+            kwargs["class_labels"] = torch.randint(n_classes, (batch,), device="cuda")
+        try:
+            with torch.inference_mode():
+                ms = time_ms(lambda kwargs=kwargs: pipe(**kwargs), "cuda", rep_ms=200)
+        except Exception as e:  # noqa: BLE001
+            rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            continue
+        row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops * batch / ms / 1e9)
+        row["pct_peak"] = 100 * row["tflop_s"] / peak
+        rows.append(row)
+        log(f"{preset:16s} diffusers     b={batch:<4d} {ms:9.3f} ms  {row['images_s']:9.1f} img/s")
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Every timed row, with its speed-up over eager bf16 and over torch.compile at the same model and batch."""
+    by = {(r["model"], r["variant"], r.get("batch")): r for r in rows if "ms" in r}
+    out = []
+    for (model, _variant, batch), r in by.items():
+        line = {k: r.get(k) for k in SUMMARY_COLUMNS}
+        base = by.get((model, "eager-bf16", batch))
+        comp = by.get((model, "compile", batch))
+        line["x_eager_bf16"] = base["ms"] / r["ms"] if base else None
+        line["x_compile"] = comp["ms"] / r["ms"] if comp else None
+        out.append(line)
+    return out
