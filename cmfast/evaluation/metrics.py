@@ -30,6 +30,16 @@ INCEPTION_URL = (
 INCEPTION_FILE = os.path.basename(INCEPTION_URL)
 
 
+def _fidelity(module: str):
+    """A torch-fidelity module, or a one-line ValueError saying how to install the library."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"torch_fidelity.{module}")
+    except ImportError as err:
+        raise ValueError(f"the metrics need torch-fidelity ({err}): pip install 'torch-fidelity>=0.4'") from None
+
+
 def as_nchw(images) -> Tensor:
     """uint8 images, NHWC (as `cmfast sample` writes them) or NCHW with 1 or 3 channels -> an NCHW uint8 tensor."""
     x = torch.as_tensor(np.asarray(images))
@@ -93,8 +103,7 @@ class InceptionFeatures:
     name = "inception"
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+        FeatureExtractorInceptionV3 = _fidelity("feature_extractor_inceptionv3").FeatureExtractorInceptionV3
         self.source = inception_weights(weights)
         try:  # refuse anything but plain tensors before torch-fidelity unpickles the file itself
             torch.load(self.source, map_location="cpu", weights_only=True)
@@ -192,9 +201,9 @@ def compute_metrics(
 ) -> dict:
     """FID of `features` (generated, (N, D)) against `ref`; KID and precision/recall when the reference keeps its
     features; the score (IS, 10 splits) from `logits`. KID subsets are capped at the smaller set's size."""
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
+    isc_features_to_metric = _fidelity("metric_isc").isc_features_to_metric
+    kid_features_to_metric = _fidelity("metric_kid").kid_features_to_metric
+    prc_features_to_metric = _fidelity("metric_prc").prc_features_to_metric
 
     mu, sigma = gaussian_statistics(features)
     if mu.shape != ref.mu.shape:

@@ -12,7 +12,7 @@ def ternary_search(f: Callable[[int], float], lo: int, hi: int, memo: dict[int, 
     """argmin of f over the integers lo..hi (inclusive) for a unimodal f; returns (argmin, f(argmin)).
 
     Each round compares f at the two inner thirds and drops the third that cannot hold the minimum; the last three
-    or fewer candidates are compared directly (the smallest index wins a tie). f is called at most once per index
+    or fewer candidates are compared directly (the smallest of them wins a tie). f is called at most once per index
     (`memo`, index -> value, records every call and may be shared between searches): about 2 log_1.5(n) calls.
     """
     if int(lo) != lo or int(hi) != hi or lo > hi:
