@@ -13,7 +13,7 @@ def test_ternary_search_finds_every_minimum(lo, hi):
     for target in range(lo, hi + 1):
         calls = []
 
-        def f(i, target=target):
+        def f(i, target=target, calls=calls):
             calls.append(i)
             return (i - target) ** 2 + 0.5 * abs(i - target)
 
