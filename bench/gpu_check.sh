@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (see the device tool's README and bench/README.md).
 #
-#   bash bench/gpu_check.sh [quick|full]     # from the repository root; results under $OUT (or bench/results/gpu-run)
+#   bash bench/gpu_check.sh [STEPS]     # from the repository root; results under $OUT (or bench/results/gpu-run)
 #
-# quick: device report, install, the CUDA tests of the kernels, `python -m bench ops --quick`.
-# full:  the same with the whole CUDA test set, every benchmark suite (ops, sampling, cd-step) at full size.
+# STEPS is a comma-separated list (default: all, in this order):
+#   ext        build the C++/CUDA extension (sm_90) into the package; without it, the package installs without
+#   tests      the CUDA tests (pytest -m cuda: kernels, extension, graph sampler, captured CD step, losses)
+#   attn       bench.attention_configs: every attention block configuration, checked and timed
+#   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
+#   sampling   python -m bench sampling (sampling-quick: batch 1 and 256, compile in 'default' mode)
+#   cd-step    python -m bench cd-step (cd-step-quick: l2 only)
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
-# The last lines printed are a short table of results; the full logs and JSON are in $OUT.
+# The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
 set -uo pipefail
-MODE=${1:-quick}
+STEPS=${1:-ext,tests,attn,ops,sampling,cd-step}
 OUT=${OUT:-bench/results/gpu-run}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 CMFAST_BENCH_OUT="$OUT"
-T0=$(date +%s)
-# Few files come back from $OUT (8 at most): every step's log goes to logs/<step>.log, bundled into run-logs.tar.gz.
 mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/logs/NAME.log, record the exit code
   local name=$1 limit=$2
   shift 2
@@ -23,8 +27,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/log
   timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc after $(($(date +%s) - T0))s" | tee -a "$OUT/steps.txt"
-  tail -n 4 "$OUT/logs/$name.log"
-  tar -czf "$OUT/run-logs.tar.gz" -C "$OUT" logs
+  tail -n 3 "$OUT/logs/$name.log"
+  tar -czf "$OUT/run-logs.tar.gz" -C "$OUT" logs  # few files come back from $OUT (8 at most): bundle the logs
 }
 
 {
@@ -40,28 +44,31 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/logs/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# Builds the C++/CUDA extension for the H100/H200 (sm_90) when csrc/ has sources.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-step install 300 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
-if ! python3 -c "import cmfast" 2> /dev/null; then  # a broken extension build must not cost the rest of the run
-  CMFAST_SKIP_EXT=1 step install_without_extension 120 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+has ext || export CMFAST_SKIP_EXT=1
+step install 240 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+if ! python3 -c "import cmfast.ops" 2> /dev/null; then  # a broken extension build must not cost the rest of the run
+  CMFAST_SKIP_EXT=1 step install_without_extension 120 python3 -m pip install --no-index --no-deps \
+    --no-build-isolation -e .
 fi
-python3 -c "import cmfast.ops as o; print('cmfast imported; extension:', o._extension_reason() or 'loaded')" \
-  | tee -a "$OUT/steps.txt"
+python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
 
-if [ "$MODE" = full ]; then
-  step tests 300 python3 -m pytest -q -p no:cacheprovider tests -m cuda -ra
-  step bench_ops 240 python3 -m bench ops --out "$OUT/bench-ops.json"
-  step bench_sampling 150 python3 -m bench sampling --out "$OUT/bench-sampling.json"
-  step bench_cd_step 120 python3 -m bench cd-step --out "$OUT/bench-cd-step.json"
-else
-  step tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/training/test_losses.py -m cuda -ra
-  step bench_ops 150 python3 -m bench ops --quick --out "$OUT/bench-ops.json"
-fi
+has ext && step ext_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext
+has tests && step tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests
+has attn && step attn 120 python3 -m bench.attention_configs --out "$OUT/attention-configs.json"
+has ops && step bench_ops 240 python3 -m bench ops --out "$OUT/bench-ops.json"
+has ops-quick && step bench_ops 120 python3 -m bench ops --quick --out "$OUT/bench-ops.json"
+has sampling && step bench_sampling 200 python3 -m bench sampling --out "$OUT/bench-sampling.json"
+has sampling-quick && step bench_sampling 120 python3 -m bench sampling --quick --compile-mode default \
+  --budget-s 80 --out "$OUT/bench-sampling.json"
+has cd-step && step bench_cd_step 200 python3 -m bench cd-step --out "$OUT/bench-cd-step.json"
+has cd-step-quick && step bench_cd_step 120 python3 -m bench cd-step --quick --compile-mode default \
+  --budget-s 80 --out "$OUT/bench-cd-step.json"
 
 echo
-echo "== summary ($MODE, $(($(date +%s) - T0))s)"
+echo "== summary ($STEPS, $(($(date +%s) - T0))s)"
 cat "$OUT/steps.txt"
-grep -h -E "^(FAILED|ERROR)|passed|failed" "$OUT"/logs/tests.log | tail -n 12
-for f in "$OUT"/logs/bench_*.log; do sed -n '/^## /,$p' "$f"; done
+for f in "$OUT"/logs/*tests.log; do [ -f "$f" ] && grep -h -E "^(FAILED|ERROR)|passed|failed" "$f" | tail -n 15; done
+[ -f "$OUT/logs/attn.log" ] && sed -n '/^| D |/,$p' "$OUT/logs/attn.log"
+for f in "$OUT"/logs/bench_*.log; do [ -f "$f" ] && sed -n '/^## /,$p' "$f"; done
 rm -rf "$OUT/logs"

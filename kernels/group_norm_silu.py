@@ -40,6 +40,9 @@ _jit = triton.jit if triton is not None else (lambda fn: fn)
 MAX_FUSED_FWD = 32768  # padded group elements one forward program holds (16 warps: 64 float32 per thread)
 MAX_FUSED_BWD = 16384  # the backward keeps x, dy and dz live, so it splits earlier
 CHUNK = 4096  # padded elements per program in the split path
+FLAT_BLOCK, FLAT_WARPS = 2048, 8  # the NCHW looped forward's step and warps
+FLAT_ABOVE = 8192  # NCHW groups whose padded tile exceeds this take the looped forward (see _forward_path)
+FWD_PATH = "auto"  # or "flat" / "tile": force a forward path (benchmarks, tests)
 MAX_CHANNELS_PER_GROUP = 4096
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -143,6 +146,70 @@ def _gn_fwd_kernel(
     if SILU:
         z = z * tl.sigmoid(z)
     tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _gn_fwd_flat_kernel(
+    X,  # (B, C, HW) NCHW-contiguous input: group pid is the n = cpg HW elements from pid n on
+    Y,  # output, same layout, written once
+    W,  # (C,) weight
+    Bias,  # (C,) bias
+    Scale,  # (B, C) ADM scale at b ss_b + c ss_c; read only when HAS_SCALE_SHIFT
+    Shift,  # (B, C) ADM shift at b st_b + c st_c; read only when HAS_SCALE_SHIFT
+    Mean,  # (B, G) float32 group means, written once
+    Rstd,  # (B, G) float32 reciprocal standard deviations, written once
+    HW,
+    G,
+    cpg,
+    ss_b,
+    ss_c,
+    st_b,
+    st_c,
+    eps,
+    HAS_SCALE_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per (sample, group) walks the group's contiguous span twice in BLOCK-element steps: statistics
+    (each step's mean and M2 merged by Chan et al.'s formula), then normalize and write. No channel padding, small
+    tiles (so many programs per SM), and the second read mostly hits L2: the group was just read."""
+    pid = tl.program_id(0)
+    b, g = pid // G, pid % G
+    n = cpg * HW
+    base = pid.to(tl.int64) * n
+    mean = tl.zeros([], tl.float32)
+    m2 = tl.zeros([], tl.float32)
+    count = tl.zeros([], tl.float32)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(X + base + i, mask=mask, other=0.0).to(tl.float32)
+        nk = tl.minimum(n - start, BLOCK).to(tl.float32)
+        mk = tl.sum(x) / nk
+        xc = tl.where(mask, x - mk, 0.0)
+        total = count + nk
+        delta = mk - mean
+        mean = mean + delta * (nk / total)
+        m2 = m2 + tl.sum(xc * xc) + delta * delta * (count * nk / total)
+        count = total
+    rstd = tl.rsqrt(m2 / count + eps)
+    tl.store(Mean + pid, mean)
+    tl.store(Rstd + pid, rstd)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(X + base + i, mask=mask, other=0.0).to(tl.float32)
+        c = g * cpg + i // HW
+        a = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE_SHIFT:
+            s1 = 1.0 + tl.load(Scale + b * ss_b + c * ss_c, mask=mask, other=0.0).to(tl.float32)
+            a = a * s1
+            t = t * s1 + tl.load(Shift + b * st_b + c * st_c, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mean) * rstd * a + t
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(Y + base + i, z.to(Y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -299,6 +366,16 @@ def _plan(cpg: int, hw: int, max_fused: int) -> tuple[int, int, int]:
     return block_c, block_p, -(-hw // block_p)
 
 
+def _forward_path(fmt: torch.memory_format, padded_group: int, n_chunks: int) -> str:
+    """ "flat" (NCHW: the looped kernel over the contiguous group), "fused" (one tile per group) or "split". FWD_PATH
+    forces one where the layout allows it (benchmarks and tests compare them)."""
+    if FWD_PATH != "auto":
+        return "flat" if FWD_PATH == "flat" and fmt != torch.channels_last else ("fused" if n_chunks == 1 else "split")
+    if fmt != torch.channels_last and padded_group > FLAT_ABOVE:
+        return "flat"
+    return "fused" if n_chunks == 1 else "split"
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -347,6 +424,14 @@ def group_norm_silu_forward(
                 num_warps=_num_warps(block_c, block_p))  # fmt: skip
     if y.numel() == 0:
         return y, x.new_zeros((B, G), dtype=torch.float32), x.new_zeros((B, G), dtype=torch.float32)
+    if _forward_path(fmt, block_c * _next_power_of_2(hw), n_chunks) == "flat":
+        mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        _gn_fwd_flat_kernel[(B * G,)](
+            x, y, weight, bias, scale, shift, mean, rstd, hw, G, cpg, *ss, float(eps), HAS_SCALE_SHIFT=has_ss,
+            SILU=bool(silu), BLOCK=FLAT_BLOCK, num_warps=FLAT_WARPS,
+        )  # fmt: skip
+        return y, mean, rstd
     if n_chunks == 1:
         mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)

@@ -95,6 +95,22 @@ def test_split_path(device, dtype, form, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_flat_forward_path(device, dtype, form, monkeypatch):
+    """The NCHW looped forward: several steps per group with a partial last one (3 x 99 = 297 = 4 x 64 + 41
+    elements), statistics merged across steps, channels found from the flat index; the tile path beside it."""
+    monkeypatch.setattr(K, "FLAT_BLOCK", 64)
+    for path in ("flat", "tile"):
+        monkeypatch.setattr(K, "FWD_PATH", path)
+        check((3, 24, 9, 11, 8), form, dtype, device, channels_last=False)
+    monkeypatch.setattr(K, "FWD_PATH", "auto")
+    assert K._forward_path(torch.contiguous_format, 4 * 128, 1) == "fused"
+    assert K._forward_path(torch.contiguous_format, 8 * 4096, 1) == "flat"
+    assert K._forward_path(torch.channels_last, 8 * 4096, 1) == "fused"
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("channels", [64, 192, 576, 1152, 1536])
 def test_paper_channel_counts(device, channels):
     """Every GroupNorm width of the paper's networks with 32 groups (2 to 48 channels per group)."""
