@@ -47,11 +47,15 @@ class Budget:
     teacher_heun: tuple[int, ...] = (1, 2, 4, 8, 18)  # Heun steps of the teacher's evaluations
     student_steps_eval: tuple[int, ...] = (1, 2, 3)
     grid_images: int = 64  # images per sample grid
+    ema: str | None = None  # EMA rate(s) of every run; None: the presets' 0.999
 
 
 BUDGETS = {
     "full": Budget(teacher_steps=4000, student_steps=2000, lpips_batch=16, grid=40, num_search=1000, num_eval=2000),
-    "quick": Budget(teacher_steps=400, student_steps=200, lpips_batch=8, grid=18, num_search=300, num_eval=500),
+    # a 0.999 EMA still remembers the initial weights after a few hundred steps, so the short runs average less
+    "quick": Budget(
+        teacher_steps=1000, student_steps=400, lpips_batch=8, grid=18, num_search=300, num_eval=500, ema="0.99"
+    ),
     # the CI test of this script's machinery: seconds, meaningless numbers
     "tiny": Budget(
         teacher_steps=3,
@@ -160,7 +164,7 @@ def train(run: Runner, out: Path, budget: Budget) -> tuple[dict[str, float], str
     """Train the teacher and the four students (a finished run directory is reused); returns seconds per run."""
     seconds = {}
     teacher = out / "edm" / "model.safetensors"
-    common = ["--seed", SEED, "--sample-every", 0]
+    common = ["--seed", SEED, "--sample-every", 0, *(["--ema", budget.ema] if budget.ema else [])]
 
     def fit(name: str, command: str, args: list, env=None) -> None:
         run_dir = out / name
@@ -407,8 +411,8 @@ def report(results: dict, info: dict, b: Budget, doc: Path, figdir: Path) -> str
         "`ddpmpp-digits8` (1.03M parameters) for every model.",
         f"- Budgets: teacher {b.teacher_steps} steps at batch 64; every student {b.student_steps} steps (CD-l2, CT, "
         f"iCT at batch 64; CD-LPIPS at batch {b.lpips_batch}, see below). Presets `digits-edm`, `digits-cd` (N = 18, "
-        "Heun, mu = 0.95, lr 2e-4), `digits-ct` (s0 = 2, s1 = 150, mu0 = 0.9, lr 4e-4), `digits-ict`; the EMA (0.999) "
-        "is evaluated.",
+        "Heun, mu = 0.95, lr 2e-4), `digits-ct` (s0 = 2, s1 = 150, mu0 = 0.9, lr 4e-4), `digits-ict`; the EMA "
+        f"({b.ema or '0.999'}) is evaluated.",
         f"- LPIPS: {info['lpips']}. LPIPS at 224x224 costs about 4 s per batch of 64 on this CPU, so its run uses "
         f"batch {b.lpips_batch} for the same {b.student_steps} steps: {b.lpips_batch / 64:.2g} of the other students' "
         "training images. Its row is not an equal-budget comparison in images.",
@@ -438,6 +442,26 @@ def report(results: dict, info: dict, b: Budget, doc: Path, figdir: Path) -> str
     return text
 
 
+def write_outputs(results: dict, info: dict, budget: Budget, out: Path, doc: Path, figdir: Path) -> None:
+    """The plot, the sample panel and the report, from the results (and the grids under OUT/grids)."""
+    plot(results, figdir / "fid-vs-nfe.png")
+    top = max(budget.teacher_heun)
+    panels = [(f"edm-heun{top}", f"EDM teacher, {top} Heun steps ({2 * top - 1} NFE)")]
+    for s in STUDENTS:
+        panels += [(f"{s.name}-{n}step", f"{s.label}, {n} step{'s' if n > 1 else ''}") for n in (1, 2)]
+    sample_panel(out / "grids", panels, figdir / "samples.png")
+    report(results, info, budget, doc, figdir)
+    print(f"wrote {doc}, {figdir / 'fid-vs-nfe.png'} and {figdir / 'samples.png'}")
+
+
+def report_only(out: Path, doc: Path, figdir: Path) -> None:
+    """Rewrite the report and figures of a finished run from OUT/results.json."""
+    saved = json.loads((out / "results.json").read_text())
+    info = saved.pop("info")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["budget"].items()}
+    write_outputs(saved, info, Budget(**fields), out, doc, figdir)
+
+
 def run(mode: str, out: Path, doc: Path, figdir: Path, progress: bool = False, budget: Budget | None = None) -> dict:
     budget = budget or BUDGETS[mode]
     out.mkdir(parents=True, exist_ok=True)
@@ -445,12 +469,6 @@ def run(mode: str, out: Path, doc: Path, figdir: Path, progress: bool = False, b
     runner = Runner(out, progress)
     train_seconds, lpips_note = train(runner, out, budget)
     results = evaluate(runner, out, budget)
-    plot(results, figdir / "fid-vs-nfe.png")
-    top = max(budget.teacher_heun)
-    panels = [(f"edm-heun{top}", f"EDM teacher, {top} Heun steps ({2 * top - 1} NFE)")]
-    for s in STUDENTS:
-        panels += [(f"{s.name}-{n}step", f"{s.label}, {n} step{'s' if n > 1 else ''}") for n in (1, 2)]
-    sample_panel(out / "grids", panels, figdir / "samples.png")
     info = dict(
         mode=mode,
         budget=asdict(budget),
@@ -464,8 +482,7 @@ def run(mode: str, out: Path, doc: Path, figdir: Path, progress: bool = False, b
     from cmfast.io import atomic_write_bytes
 
     atomic_write_bytes(out / "results.json", json.dumps({"info": info, **results}, indent=2).encode())
-    report(results, info, budget, doc, figdir)
-    print(f"wrote {doc}, {figdir / 'fid-vs-nfe.png'}, {figdir / 'samples.png'} and {out / 'results.json'}")
+    write_outputs(results, info, budget, out, doc, figdir)
     return {"info": info, **results}
 
 
@@ -477,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--figdir", type=Path, help="images (default docs/results-digits/; --quick: OUT/results-digits/)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show the commands' progress bars")
+    p.add_argument("--report-only", action="store_true", help="rewrite report and figures from OUT/results.json")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out or ROOT / "runs" / f"quality-digits{'-quick' if args.quick else ''}"
@@ -484,7 +502,10 @@ def main(argv: list[str] | None = None) -> None:
     figdir = args.figdir or (out / "results-digits" if args.quick else ROOT / "docs" / "results-digits")
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(mode, out, doc, figdir, progress=args.progress)
+    if args.report_only:
+        report_only(out, doc, figdir)
+    else:
+        run(mode, out, doc, figdir, progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -226,10 +226,10 @@ def _write_json(path: str | None, result: dict) -> str:
 # --- commands --------------------------------------------------------------------------------------------------------
 
 
-def evaluate_images(images: np.ndarray, space, ref) -> tuple[dict, float]:
+def evaluate_images(images: np.ndarray, space, ref, progress: bool = False) -> tuple[dict, float]:
     """Metrics of uint8 `images` against `ref` in `space`, and the seconds spent on features and metrics."""
     t0 = time.perf_counter()
-    features, logits = space(images)
+    features, logits = space(images, progress=progress)
     return compute_metrics(features, ref, logits=logits), time.perf_counter() - t0
 
 
@@ -256,7 +256,7 @@ def cmd_eval(args) -> None:
     t0 = time.perf_counter()
     images = data.images if args.images is not None else _generate(model, sampling, args, progress)
     sample_seconds = time.perf_counter() - t0
-    metrics, metric_seconds = evaluate_images(images, space, ref)
+    metrics, metric_seconds = evaluate_images(images, space, ref, progress)
     result.update(
         features={"space": space.name, "source": space.source},
         reference={"name": ref.name, "num": ref.num, "split": args.ref_split if args.ref is None else None},

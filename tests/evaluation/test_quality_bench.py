@@ -43,6 +43,9 @@ def test_tiny_run_writes_the_report(tmp_path, quality_digits, capsys):
     for png in ("fid-vs-nfe.png", "samples.png"):
         assert (figdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fig/fid-vs-nfe.png" in text
+    doc.unlink()
+    quality_digits.report_only(out, doc, figdir)
+    assert doc.read_text() == text
     capsys.readouterr()
     quality_digits.train(quality_digits.Runner(out, False), out, quality_digits.BUDGETS["tiny"])
     assert capsys.readouterr().out.count("reusing") == 5  # finished runs are not trained again
