@@ -114,3 +114,11 @@ def test_input_errors_are_one_line(tmp_path, tiny_models, capsys, monkeypatch):
     assert "--max-steps" in error_of(capsys, ["tune-steps", "--model", str(cm), "--max-steps", "1"])
     assert "digits" in error_of(capsys, ["eval", "--images", "digits8", "--ref", str(tmp_path / "missing")])
     assert "drop --steps" in error_of(capsys, ["eval", "--images", "digits8", "--steps", "2"])
+
+
+@pytest.mark.parametrize("command", ["eval", "tune-steps", "ref-stats", "train-classifier"])
+def test_help_explains_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"usage: cmfast {command}" in out and len(out) > 300
