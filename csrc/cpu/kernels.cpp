@@ -76,28 +76,24 @@ void parallel_items(int64_t items, int64_t elements_per_item, const F& f) {
   at::parallel_for(0, items, grain, f);
 }
 
-constexpr int64_t kSumChunk = 64;    // elements summed in float before the running sum moves to double
-constexpr int64_t kRowsChunk = 64;   // channels_last: positions per work item
-constexpr int64_t kBlock = 16384;    // elementwise ops: elements per work item
+constexpr int64_t kRowsChunk = 64;  // channels_last: positions per work item
+constexpr int64_t kBlock = 16384;   // elementwise ops: elements per work item
 
 // --- GroupNorm + SiLU: row kernels ----------------------------------------------------------------------------------
 
-// s1 += sum (x - K), s2 += sum (x - K)^2 over a contiguous run of n elements. Shifting by K, an element of the group,
-// keeps the one-pass variance accurate when the mean is large against the spread.
+// s1 += sum (x - K), s2 += sum (x - K)^2 over a contiguous run of n elements, in float64 lanes. Shifting by K, an
+// element of the group, keeps the one-pass variance accurate when the mean is large against the spread.
 template <typename T>
 CMFAST_CLONES void shifted_sums(const T* __restrict x, int64_t n, float K, double* s1, double* s2) {
-  for (int64_t start = 0; start < n; start += kSumChunk) {
-    const int64_t end = std::min(n, start + kSumChunk);
-    float a = 0.0f, b = 0.0f;
+  double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = start; i < end; ++i) {
-      const float d = to_float(x[i]) - K;
-      a += d;
-      b += d * d;
-    }
-    *s1 += a;
-    *s2 += b;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = to_float(x[i]) - K;
+    a += d;
+    b += d * d;
   }
+  *s1 += a;
+  *s2 += b;
 }
 
 // channels_last: per-channel s1[c] += sum_p (x[p, c] - K[c]), s2[c] += sum_p (x[p, c] - K[c])^2 over `rows` rows of C.
@@ -147,23 +143,20 @@ CMFAST_CLONES void affine_act_rows(const T* __restrict x, T* __restrict y, int64
 template <typename T, bool SILU>
 CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, int64_t n, int64_t stride, float m,
                                  float r, float a, float t, double* sum_a, double* sum_b) {
-  for (int64_t start = 0; start < n; start += kSumChunk) {
-    const int64_t end = std::min(n, start + kSumChunk);
-    float sa = 0.0f, sb = 0.0f;
+  double sa = 0.0, sb = 0.0;
 #pragma omp simd reduction(+ : sa, sb)
-    for (int64_t i = start; i < end; ++i) {
-      const float xhat = (to_float(x[i * stride]) - m) * r;
-      float dz = to_float(dy[i * stride]);
-      if (SILU) {
-        const float z = xhat * a + t, sig = sigmoid(z);
-        dz *= sig * (1.0f + z * (1.0f - sig));
-      }
-      sa += dz * xhat;
-      sb += dz;
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (to_float(x[i * stride]) - m) * r;
+    float dz = to_float(dy[i * stride]);
+    if (SILU) {
+      const float z = xhat * a + t, sig = sigmoid(z);
+      dz *= sig * (1.0f + z * (1.0f - sig));
     }
-    *sum_a += sa;
-    *sum_b += sb;
+    sa += static_cast<double>(dz) * xhat;
+    sb += dz;
   }
+  *sum_a += sa;
+  *sum_b += sb;
 }
 
 // dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)) over one channel's n positions.

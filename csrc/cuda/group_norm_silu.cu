@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -30,10 +32,42 @@ constexpr int kFusedSmemBytes = 96 * 1024;  // the fused path's shared-memory bu
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte access
 
+// 16-byte loads and stores of V elements converted to and from float32 in registers (bfloat16 and float16 as bits).
+__device__ inline float from_bits(uint32_t h, c10::BFloat16) { return __uint_as_float(h << 16); }
+__device__ inline float from_bits(uint32_t h, c10::Half) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+}
+__device__ inline uint32_t to_bits(float v, c10::BFloat16) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+__device__ inline uint32_t to_bits(float v, c10::Half) { return __half_as_ushort(__float2half_rn(v)); }
+
 template <typename T>
-struct alignas(16) Vec {
-  T v[kVec<T>];
-};
+__device__ inline void load16(const T* p, float (&v)[kVec<T>]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      v[i] = __uint_as_float(w[i]);
+    } else {
+      v[2 * i] = from_bits(w[i] & 0xffffu, T{});
+      v[2 * i + 1] = from_bits(w[i] >> 16, T{});
+    }
+  }
+}
+
+template <typename T>
+__device__ inline void store16(T* p, const float (&v)[kVec<T>]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      w[i] = __float_as_uint(v[i]);
+    } else {
+      w[i] = to_bits(v[2 * i], T{}) | (to_bits(v[2 * i + 1], T{}) << 16);
+    }
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 struct Params {
   const float* weight;  // (C,)
@@ -48,7 +82,8 @@ struct Params {
   float eps;
 };
 
-// Tile layout of a block: thread = (vector column tv, row lane tr); NV columns, `lanes` rows walked at a time.
+// Tile layout of a block: thread = (vector column tv, row lane tr); NV columns, `lanes` rows walked at a time (the
+// launcher makes the block exactly NV x lanes threads).
 struct Lane {
   int NV, lanes, tv, tr;
   __device__ Lane(int TC, int V) {
@@ -60,17 +95,30 @@ struct Lane {
 };
 
 // out[t] = sum over the block's row lanes of acc (each thread's V per-channel values), for the TC channels of the tile.
-// red holds blockDim.x * V floats. Ends synchronised.
+// When the NV columns divide a warp (the block is then 256 threads), a warp's lanes of one column are summed with
+// shuffles first; otherwise every lane goes through shared memory. red holds blockDim.x * (V + 1) floats; rows of it
+// are TC + 1 apart, so that lanes of one column fall in different banks. Ends synchronised.
 template <int V>
-__device__ void channel_sums(const float (&acc)[V], const Lane& lane, int TC, float* red, float* out) {
-  if (lane.tr < lane.lanes) {
+__device__ void channel_sums(float (&acc)[V], const Lane& lane, int TC, float* red, float* out) {
+  int rows = lane.lanes, row = lane.tr;
+  bool writes = true;
+  if (32 % lane.NV == 0) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) red[lane.tr * TC + lane.tv * V + k] = acc[k];
+    for (int k = 0; k < V; ++k) {
+      for (int offset = 16; offset >= lane.NV; offset /= 2) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], offset);
+    }
+    rows = blockDim.x / 32;
+    row = threadIdx.x / 32;
+    writes = threadIdx.x % 32 < lane.NV;
+  }
+  if (writes) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) red[row * (TC + 1) + lane.tv * V + k] = acc[k];
   }
   __syncthreads();
   for (int t = threadIdx.x; t < TC; t += blockDim.x) {
     float s = 0.0f;
-    for (int r = 0; r < lane.lanes; ++r) s += red[r * TC + t];
+    for (int r = 0; r < rows; ++r) s += red[r * (TC + 1) + t];
     out[t] = s;
   }
   __syncthreads();
@@ -101,7 +149,6 @@ template <typename T, bool SILU, bool FROM_TILE>
 __device__ void normalise_rows(const T* x, const float* tile, T* y, const Params& p, const Lane& lane, int64_t base,
                                int p0, int p1, const float* m, const float* A, const float* t) {
   constexpr int V = kVec<T>;
-  if (lane.tr >= lane.lanes) return;
   float mv[V], Av[V], tv[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -110,51 +157,45 @@ __device__ void normalise_rows(const T* x, const float* tile, T* y, const Params
     tv[k] = t[lane.tv * V + k];
   }
   for (int r = p0 + lane.tr; r < p1; r += lane.lanes) {
-    float xv[V];
+    float v[V];
     if (FROM_TILE) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) xv[k] = tile[r * p.TC + lane.tv * V + k];
+      for (int k = 0; k < V; ++k) v[k] = tile[r * (p.TC + 1) + lane.tv * V + k];
     } else {
-      const Vec<T> in = *reinterpret_cast<const Vec<T>*>(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V);
-#pragma unroll
-      for (int k = 0; k < V; ++k) xv[k] = static_cast<float>(in.v[k]);
+      load16(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V, v);
     }
-    Vec<T> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      float z = (xv[k] - mv[k]) * Av[k] + tv[k];
-      if (SILU) z = z / (1.0f + __expf(-z));
-      out.v[k] = static_cast<T>(z);
+      const float z = (v[k] - mv[k]) * Av[k] + tv[k];
+      v[k] = SILU ? z / (1.0f + __expf(-z)) : z;
     }
-    *reinterpret_cast<Vec<T>*>(y + base + static_cast<int64_t>(r) * p.C + lane.tv * V) = out;
+    store16(y + base + static_cast<int64_t>(r) * p.C + lane.tv * V, v);
   }
 }
 
-// Fused path: grid (C / TC, B). Shared memory: the tile (HW x TC floats), the reduction buffer (blockDim.x x V),
-// per-channel sums, m, A, t (TC each) and the local groups' mean and rstd.
+// Fused path: grid (C / TC, B). Shared memory: the tile (HW rows of TC floats, TC + 1 apart), the reduction buffer
+// (blockDim.x x (V + 1)), per-channel sums, m, A, t (TC each) and the local groups' mean and rstd.
 template <typename T, bool SILU>
 __global__ void __launch_bounds__(kThreads) gn_fused_kernel(const T* __restrict__ x, T* __restrict__ y, Params p) {
   constexpr int V = kVec<T>;
   extern __shared__ float smem[];
   const int b = blockIdx.y, c0 = blockIdx.x * p.TC, groups = p.TC / p.cpg;
   float* tile = smem;
-  float* red = tile + p.HW * p.TC;
-  float* sums = red + blockDim.x * V;
+  float* red = tile + p.HW * (p.TC + 1);
+  float* sums = red + blockDim.x * (V + 1);
   float *m = sums + p.TC, *A = m + p.TC, *t = A + p.TC;
   float *gmean = t + p.TC, *grstd = gmean + groups;
   const Lane lane(p.TC, V);
   const int64_t base = static_cast<int64_t>(b) * p.HW * p.C + c0;
 
   float acc[V] = {};
-  if (lane.tr < lane.lanes) {
-    for (int r = lane.tr; r < p.HW; r += lane.lanes) {
-      const Vec<T> in = *reinterpret_cast<const Vec<T>*>(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V);
+  for (int r = lane.tr; r < p.HW; r += lane.lanes) {
+    float v[V];
+    load16(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V, v);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float v = static_cast<float>(in.v[k]);
-        tile[r * p.TC + lane.tv * V + k] = v;
-        acc[k] += v;
-      }
+    for (int k = 0; k < V; ++k) {
+      tile[r * (p.TC + 1) + lane.tv * V + k] = v[k];
+      acc[k] += v[k];
     }
   }
   channel_sums(acc, lane, p.TC, red, sums);
@@ -171,13 +212,11 @@ __global__ void __launch_bounds__(kThreads) gn_fused_kernel(const T* __restrict_
     gm[k] = gmean[(lane.tv * V + k) / p.cpg];
     acc[k] = 0.0f;
   }
-  if (lane.tr < lane.lanes) {
-    for (int r = lane.tr; r < p.HW; r += lane.lanes) {
+  for (int r = lane.tr; r < p.HW; r += lane.lanes) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float d = tile[r * p.TC + lane.tv * V + k] - gm[k];
-        acc[k] += d * d;
-      }
+    for (int k = 0; k < V; ++k) {
+      const float d = tile[r * (p.TC + 1) + lane.tv * V + k] - gm[k];
+      acc[k] += d * d;
     }
   }
   channel_sums(acc, lane, p.TC, red, sums);
@@ -201,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) gn_partial_sums_kernel(const T* __re
   extern __shared__ float smem[];
   const int b = blockIdx.y, c0 = blockIdx.x * p.TC, s = blockIdx.z;
   float* red = smem;
-  float *sum1 = red + blockDim.x * V, *sum2 = sum1 + p.TC;
+  float *sum1 = red + blockDim.x * (V + 1), *sum2 = sum1 + p.TC;
   const Lane lane(p.TC, V);
   const int64_t base = static_cast<int64_t>(b) * p.HW * p.C + c0;
   const int p0 = s * p.rows_per_split, p1 = min(p.HW, p0 + p.rows_per_split);
@@ -211,15 +250,14 @@ __global__ void __launch_bounds__(kThreads) gn_partial_sums_kernel(const T* __re
     const int j = lane.tv * V + k;
     K[k] = static_cast<float>(x[base + (j / p.cpg) * p.cpg]);  // row 0, the group's first channel
   }
-  if (lane.tr < lane.lanes) {
-    for (int r = p0 + lane.tr; r < p1; r += lane.lanes) {
-      const Vec<T> in = *reinterpret_cast<const Vec<T>*>(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V);
+  for (int r = p0 + lane.tr; r < p1; r += lane.lanes) {
+    float v[V];
+    load16(x + base + static_cast<int64_t>(r) * p.C + lane.tv * V, v);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float d = static_cast<float>(in.v[k]) - K[k];
-        a1[k] += d;
-        a2[k] += d * d;
-      }
+    for (int k = 0; k < V; ++k) {
+      const float d = v[k] - K[k];
+      a1[k] += d;
+      a2[k] += d * d;
     }
   }
   channel_sums(a1, lane, p.TC, red, sum1);
@@ -284,7 +322,8 @@ void launch(const Tensor& x, Tensor& y, Params p, int B, int sm_count, cudaStrea
   const dim3 tiles(p.C / p.TC, B);
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  const size_t fused_smem = sizeof(float) * (static_cast<size_t>(p.HW) * p.TC + threads * V + 4 * p.TC + 2 * groups);
+  const size_t fused_smem =
+      sizeof(float) * (static_cast<size_t>(p.HW) * (p.TC + 1) + threads * (V + 1) + 4 * p.TC + 2 * groups);
   if (fused_smem <= kFusedSmemBytes) {
     auto kernel = gn_fused_kernel<T, SILU>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFusedSmemBytes));
@@ -302,7 +341,7 @@ void launch(const Tensor& x, Tensor& y, Params p, int B, int sm_count, cudaStrea
   p.part1 = part[0].data_ptr<float>();
   p.part2 = part[1].data_ptr<float>();
   const dim3 grid(tiles.x, B, p.S);
-  gn_partial_sums_kernel<T><<<grid, threads, sizeof(float) * (threads * V + 2 * p.TC), stream>>>(xp, p);
+  gn_partial_sums_kernel<T><<<grid, threads, sizeof(float) * (threads * (V + 1) + 2 * p.TC), stream>>>(xp, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem = sizeof(double) * 2 * p.TC + sizeof(float) * (3 * p.TC + 2 * groups);
   gn_split_normalise_kernel<T, SILU><<<grid, threads, smem, stream>>>(xp, yp, p);

@@ -137,7 +137,7 @@ SHAPES = [((3, 3, 17, 15), False), ((3, 3, 17, 15), True), ((1, 5, 7), False), (
 @pytest.mark.parametrize("shape, channels_last", SHAPES)
 def test_skip_out_cpu(dtype, clamp, shape, channels_last, monkeypatch):
     """Forward against float64, with sigma from sigma_min (where f(x, sigma_min) = x exactly) to 80; the backward
-    (cmfast.ops' PyTorch one) against autograd of the reference in the same dtype, which decides the clamp's mask."""
+    (cmfast.ops' PyTorch one) against autograd of the reference in the same dtype."""
     x, F, dout = elementwise_inputs(shape, dtype, channels_last)
     sigma = torch.tensor([EPS, 0.7, 80.0, 3.0])[: shape[0]]
     x.requires_grad_(), F.requires_grad_()
@@ -149,8 +149,10 @@ def test_skip_out_cpu(dtype, clamp, shape, channels_last, monkeypatch):
     if not clamp:
         assert torch.equal(out[0].detach(), x[0].detach())
     grads = torch.autograd.grad(out, (x, F), dout)
-    for got, want in zip(grads, torch.autograd.grad(_so.skip_out_ref(x, F, sigma, EPS, SD, clamp), (x, F), dout)):
-        torch.testing.assert_close(got, want)
+    low = _so.skip_out_ref(x, F, sigma, EPS, SD)
+    inside = low.abs() != 1  # PyTorch versions differ on clamp's gradient at the bounds, which low precision hits
+    for got, want in zip(grads, torch.autograd.grad(low.clamp(-1, 1) if clamp else low, (x, F), dout)):
+        torch.testing.assert_close(got[inside], want[inside])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
