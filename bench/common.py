@@ -75,6 +75,14 @@ def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms
     return statistics.median(samples) * 1000
 
 
+def time_graph_ms(fn: Callable[[], object], rep_ms: float = 100) -> float:
+    """Median milliseconds per call of fn replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the
+    kernels' own time without Python's launch overhead, as a captured sampler or training step sees it."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def peak_bandwidth_gbs(device: str) -> float:
     """The device's achievable memory bandwidth, measured: a 1 GiB device-to-device copy (bytes read + written)."""
     n = (2**30 if device == "cuda" else 2**26) // 4

@@ -3,8 +3,9 @@
 #
 #   bash bench/gpu_check.sh [STEPS]     # from the repository root; results under $OUT (or bench/results/gpu-run)
 #
-# STEPS is a comma-separated list (default: all, in this order):
-#   ext        build the C++/CUDA extension (sm_90) into the package; without it, the package installs without
+# STEPS is a comma-separated list, run in the order given (default: all). The package is first installed without
+# the C++/CUDA extension; the ext step rebuilds it with the extension (sm_90) and runs its tests.
+#   ext        build the C++/CUDA extension into the package, then tests/ext
 #   tests      the CUDA tests (pytest -m cuda: kernels, extension, graph sampler, captured CD step, losses)
 #   attn       bench.attention_configs: every attention block configuration, checked and timed
 #   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
@@ -14,7 +15,7 @@
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
 set -uo pipefail
-STEPS=${1:-ext,tests,attn,ops,sampling,cd-step}
+STEPS=${1:-tests,attn,ops,sampling,cd-step,ext}
 OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
@@ -45,25 +46,27 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     > "$OUT/logs/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-has ext || export CMFAST_SKIP_EXT=1
-step install 240 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
-if ! python3 -c "import cmfast.ops" 2> /dev/null; then  # a broken extension build must not cost the rest of the run
-  CMFAST_SKIP_EXT=1 step install_without_extension 120 python3 -m pip install --no-index --no-deps \
-    --no-build-isolation -e .
-fi
-python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
-
-has ext && step ext_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext
-has tests && step tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests
-has attn && step attn 120 python3 -m bench.attention_configs --out "$OUT/attention-configs.json"
-has ops && step bench_ops 240 python3 -m bench ops --out "$OUT/bench-ops.json"
-has ops-quick && step bench_ops 120 python3 -m bench ops --quick --out "$OUT/bench-ops.json"
-has sampling && step bench_sampling 200 python3 -m bench sampling --out "$OUT/bench-sampling.json"
-has sampling-quick && step bench_sampling 120 python3 -m bench sampling --quick --compile-mode default \
-  --budget-s 80 --out "$OUT/bench-sampling.json"
-has cd-step && step bench_cd_step 200 python3 -m bench cd-step --out "$OUT/bench-cd-step.json"
-has cd-step-quick && step bench_cd_step 120 python3 -m bench cd-step --quick --compile-mode default \
-  --budget-s 80 --out "$OUT/bench-cd-step.json"
+CMFAST_SKIP_EXT=1 step install 120 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+for s in ${STEPS//,/ }; do  # in the order given
+  case $s in
+    ext)  # rebuild with the extension; a failed build leaves the pure-Python install in place
+      step ext_build 200 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+      python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
+      step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext ;;
+    # -v: each result is printed as it happens, so a run stopped at its limit still says which tests failed
+    tests) step tests 110 python3 -m pytest -v -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests ;;
+    attn) step attn 80 python3 -m bench.attention_configs --out "$OUT/attention-configs.json" ;;
+    ops) step bench_ops 240 python3 -m bench ops --out "$OUT/bench-ops.json" ;;
+    ops-quick) step bench_ops 100 python3 -m bench ops --quick --out "$OUT/bench-ops.json" ;;
+    sampling) step bench_sampling 200 python3 -m bench sampling --out "$OUT/bench-sampling.json" ;;
+    sampling-quick) step bench_sampling 100 python3 -m bench sampling --quick --compile-mode default --budget-s 70 \
+      --out "$OUT/bench-sampling.json" ;;
+    cd-step) step bench_cd_step 200 python3 -m bench cd-step --out "$OUT/bench-cd-step.json" ;;
+    cd-step-quick) step bench_cd_step 90 python3 -m bench cd-step --quick --compile-mode default --budget-s 60 \
+      --out "$OUT/bench-cd-step.json" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
 
 echo
 echo "== summary ($STEPS, $(($(date +%s) - T0))s)"

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from cmfast.kernels import group_norm_silu as _gn_kernels
 from cmfast.kernels.attention import attention_ref
 from cmfast.kernels.heun_step import heun_step_ref
 from cmfast.kernels.skip_out import skip_out_ref
 
 from cmfast import ops
 
-from .common import peak_bandwidth_gbs, peak_tflops, time_ms
+from .common import peak_bandwidth_gbs, peak_tflops, time_graph_ms, time_ms
 
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
@@ -84,6 +85,19 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def _forced_path(path: str, fn: Callable) -> Callable:
+    """fn with the GroupNorm forward path forced ("flat" or "tile"; see cmfast.kernels.group_norm_silu)."""
+
+    def run():
+        saved, _gn_kernels.FWD_PATH = _gn_kernels.FWD_PATH, path
+        try:
+            return fn()
+        finally:
+            _gn_kernels.FWD_PATH = saved
+
+    return run
+
+
 def _eager_gn(x, w, b, scale=None, shift=None):
     """What a user writes: F.group_norm in x's dtype, then (ADM) scale-shift, then F.silu."""
     h = F.group_norm(x, 32, w, b, 1e-5)
@@ -128,6 +142,11 @@ def _gn_case(device, dtype, network, C, R, batch, form, layout, quick) -> list[C
         (x, w, b, 32),
         dict(scale=scale, shift=shift),
     )
+    if layout == "nchw" and "cmfast-triton" in impls:  # both forward paths, whichever the launcher would pick
+        for path in ("flat", "tile"):
+            impls[f"cmfast-triton[{path}]"] = _forced_path(
+                path, lambda: ops.group_norm_silu(x, w, b, 32, scale=scale, shift=shift, backend="triton")
+            )
     n_bytes = 2 * x.numel() * x.element_size()
     shape = f"{C}x{R}x{R} {form} {layout}"
     common = dict(op="group_norm_silu", network=network, shape=shape, batch=batch, dtype=str(dtype)[6:])
@@ -152,7 +171,7 @@ def _gn_case(device, dtype, network, C, R, batch, form, layout, quick) -> list[C
             "eager": thunks(lambda x_, w_, b_: _eager_gn(x_, w_, b_, scale, shift)),
             "compile": thunks(lambda x_, w_, b_: compiled_fn(x_, w_, b_, scale, shift)),
         }
-        for name in impls:
+        for name in [k for k in impls if k in _BACKEND]:
             be = _BACKEND[name]
             bwd[name] = thunks(
                 lambda x_, w_, b_, be=be: ops.group_norm_silu(x_, w_, b_, 32, scale=scale, shift=shift, backend=be)
@@ -283,13 +302,20 @@ def run(quick: bool = False, compile: bool | None = None, log=print) -> tuple[li
         if not compile:
             case.impls.pop("compile", None)
             case.skipped["compile"] = "torch.compile not asked for on this device (--compile)"
-        results = {}
+        results, graphed = {}, {}
         for name, fn in case.impls.items():
             try:
                 with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
                     results[name] = time_ms(fn, device)
             except Exception as e:  # a failing implementation is a result to report, not a reason to stop
                 case.skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            if device == "cuda" and case.mode == "fwd":  # kernel time without Python's launch overhead
+                try:
+                    with torch.no_grad():
+                        graphed[name] = time_graph_ms(fn)
+                except Exception as e:  # noqa: BLE001 (not capturable: reported beside the eager time)
+                    case.skipped[f"{name} (graph)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         eager = results.get("eager")
         for name, ms in results.items():
             row = dict(
@@ -303,9 +329,13 @@ def run(quick: bool = False, compile: bool | None = None, log=print) -> tuple[li
                 ms=ms,
                 speedup_vs_eager=eager / ms if eager else None,
             )
+            if name in graphed:
+                row["ms_graph"] = graphed[name]
             if case.bytes:
                 row["gb_s"] = case.bytes / ms / 1e6
                 row["pct_peak"] = 100 * row["gb_s"] / ceilings["bandwidth_gbs"]
+                if name in graphed:
+                    row["pct_peak_graph"] = 100 * case.bytes / graphed[name] / 1e6 / ceilings["bandwidth_gbs"]
             if case.flops:
                 row["tflop_s"] = case.flops / ms / 1e9
                 row["pct_peak"] = 100 * row["tflop_s"] / ceilings["tflops"]
@@ -341,7 +371,7 @@ def summary(rows: list[dict]) -> list[dict]:
         groups.setdefault(key, {})[r["impl"]] = r
     out = []
     for (op, network, shape, batch, mode), impls in groups.items():
-        fused = [r for k, r in impls.items() if k.startswith("cmfast")]
+        fused = [r for k, r in impls.items() if k.startswith("cmfast") and "[" not in k]
         best = min(fused, key=lambda r: r["ms"]) if fused else None
         sdpa = [r for k, r in impls.items() if k.startswith("sdpa")]
         line = dict(
@@ -358,6 +388,7 @@ def summary(rows: list[dict]) -> list[dict]:
         if best:
             line["rate"] = best.get("gb_s") or best.get("tflop_s")
             line["pct_peak"] = best.get("pct_peak")
+            line["pct_peak_graph"] = best.get("pct_peak_graph")
             line["x_eager"] = best["speedup_vs_eager"]
             if line["compile_ms"]:
                 line["x_compile"] = line["compile_ms"] / best["ms"]
@@ -377,6 +408,7 @@ SUMMARY_COLUMNS = [
     "cmfast_ms",
     "rate",
     "pct_peak",
+    "pct_peak_graph",
     "x_eager",
     "x_compile",
     "x_best_sdpa",

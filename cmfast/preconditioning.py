@@ -89,7 +89,10 @@ class _Preconditioned(nn.Module):
         """x: (B, C, H, W) noisy images; sigma: a float or a (B,) tensor of noise levels. Returns (B, C, H, W)."""
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(compute_dtype)
-        sigma = torch.as_tensor(sigma, dtype=compute_dtype, device=x.device).reshape(-1)
+        if isinstance(sigma, Tensor):
+            sigma = sigma.to(device=x.device, dtype=compute_dtype).reshape(-1)
+        else:  # filled on the device: no host-to-device copy, which a CUDA graph being captured forbids
+            sigma = torch.full((1,), float(sigma), dtype=compute_dtype, device=x.device)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
         if sigma.shape[0] != x.shape[0]:

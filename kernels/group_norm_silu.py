@@ -41,7 +41,10 @@ MAX_FUSED_FWD = 32768  # padded group elements one forward program holds (16 war
 MAX_FUSED_BWD = 16384  # the backward keeps x, dy and dz live, so it splits earlier
 CHUNK = 4096  # padded elements per program in the split path
 FLAT_BLOCK, FLAT_WARPS = 2048, 8  # the NCHW looped forward's step and warps
-FLAT_ABOVE = 8192  # NCHW groups whose padded tile exceeds this take the looped forward (see _forward_path)
+# NCHW groups too big for one tile take the looped forward instead of the split path. On an H100 (2026-11-26, bf16,
+# batch 256) the looped forward lost to the one-tile path at ADM-64's 192x64x64 (0.433 vs 0.416 ms) and 384x32x32
+# (0.206 vs 0.165 ms), so it is used only where the alternative is the split path's three passes.
+FLAT_ABOVE = MAX_FUSED_FWD
 FWD_PATH = "auto"  # or "flat" / "tile": force a forward path (benchmarks, tests)
 MAX_CHANNELS_PER_GROUP = 4096
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -78,12 +78,24 @@ def test_forward_and_gradients(device, dtype):
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_several_blocks_with_a_partial_tail(device, dtype, monkeypatch):
-    """Small blocks so every loop runs several iterations, query and key blocks of different sizes, and the last
-    block of each partly past T; qkv strided (positions not contiguous)."""
-    monkeypatch.setattr(K, "_blocks", lambda block_d: (16, 32, 4, 1))
+    """Small blocks so every loop runs several iterations, and the last block partly past T; qkv strided
+    (positions not contiguous)."""
+    monkeypatch.setattr(K, "_blocks", lambda block_d: (16, 16, 4, 1))
     check((3, 2, 16, 71), dtype, device, strided=True)
-    monkeypatch.setattr(K, "_blocks", lambda block_d: (32, 16, 4, 1))
+    monkeypatch.setattr(K, "_blocks", lambda block_d: (32, 32, 4, 2))
     check((1, 1, 32, 50), dtype, device, seed=1)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("blocks", [(16, 32, 4, 1), (32, 16, 4, 1), (64, 32, 4, 2)])
+def test_unequal_blocks(device, blocks, monkeypatch, request):
+    """Query and key blocks of different sizes. They pass in the interpreter but failed on an H100 with Triton 3.6
+    (2026-11-26; the failure's message was not captured), so the launcher keeps them equal; this test stays to
+    find the cause."""
+    if device == "cuda":
+        request.applymarker(pytest.mark.xfail(reason="failed on an H100 with Triton 3.6, not diagnosed", strict=False))
+    monkeypatch.setattr(K, "_blocks", lambda block_d: blocks)
+    check((2, 2, 32 if blocks[0] < 64 else 128, 71), torch.float32, device, strided=True)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

@@ -106,7 +106,8 @@ def test_flat_forward_path(device, dtype, form, monkeypatch):
         check((3, 24, 9, 11, 8), form, dtype, device, channels_last=False)
     monkeypatch.setattr(K, "FWD_PATH", "auto")
     assert K._forward_path(torch.contiguous_format, 4 * 128, 1) == "fused"
-    assert K._forward_path(torch.contiguous_format, 8 * 4096, 1) == "flat"
+    assert K._forward_path(torch.contiguous_format, 8 * 4096, 1) == "fused"
+    assert K._forward_path(torch.contiguous_format, 16 * 4096, 2) == "flat"
     assert K._forward_path(torch.channels_last, 8 * 4096, 1) == "fused"
 
 
