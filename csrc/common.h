@@ -15,6 +15,9 @@
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace cmfast_ext {
+// Internal linkage: the C++ and the CUDA translation units (g++ and nvcc) each keep their own copy, rather than the
+// linker picking one of two definitions compiled by different compilers.
+namespace {
 
 // cmfast.kernels.skip_out.memory_format: channels_last for 4-D tensors stored that way, else contiguous. Every op makes
 // its inputs dense in x's format and allocates its outputs in it, so sample b is the b-th run of numel / B elements.
@@ -98,4 +101,5 @@ inline GroupNormParams check_group_norm(const char* op, const at::Tensor& x, con
   return p;
 }
 
+}  // namespace
 }  // namespace cmfast_ext
