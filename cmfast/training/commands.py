@@ -77,6 +77,11 @@ def add_commands(sub) -> None:
         p.add_argument("--sample-every", type=int, help="training images between sample grids (0: only at the end)")
         p.add_argument("--device", help="torch device (default: this process's GPU under torchrun, else cpu)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.add_argument(
+            "--fused",
+            action="store_true",
+            help="run GroupNorm+SiLU and attention through cmfast.ops (C++/CUDA extension or Triton kernels)",
+        )
         if kind == "cd":
             p.add_argument("--teacher", help="EDM teacher checkpoint (.safetensors from train-edm)")
             p.add_argument("--num-scales", type=int, help="N, points of the Karras grid")
@@ -135,6 +140,7 @@ def run_command(args) -> None:
         progress=not args.no_progress,
         device=args.device,
         graph=getattr(args, "graph", False),
+        fused=args.fused,
     )
     path = trainer.train()
     if trainer.dist.is_main:

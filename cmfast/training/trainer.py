@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..checkpoint import load as load_model_file
 from ..data import load_dataset
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
-from ..networks import build_network, config_to_dict, resolve_config
+from ..networks import build_network, config_to_dict, resolve_config, set_fused_ops
 from ..preconditioning import ConsistencyModel, EDMDenoiser
 from ..sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
 from . import state as ckpt
@@ -57,8 +57,10 @@ class Trainer:
         progress: bool = True,
         device: str | None = None,
         graph: bool = False,
+        fused: bool = False,
     ):
         self.cfg = config
+        self.fused = fused
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.dist = init_distributed(device)
@@ -119,9 +121,10 @@ class Trainer:
         needs_target = cfg.kind == "cd" or (cfg.kind == "ct" and not cfg.ict)
         self.target = copy.deepcopy(self.online).requires_grad_(False) if needs_target else None
         self.emas = {rate: copy.deepcopy(self.online).eval().requires_grad_(False) for rate in cfg.ema_rates}
-        for model in (self.online, self.target, self.teacher):
+        for model in (self.online, self.target, self.teacher, *self.emas.values()):
             if model is not None:
                 model.autocast_dtype = AUTOCAST[cfg.mixed_precision]
+                set_fused_ops(model.net, self.fused)  # cmfast.ops' kernels; the weights are the same either way
         self.model = (
             DistributedDataParallel(self.online, device_ids=[device.index] if device.type == "cuda" else None)
             if self.dist.world > 1
