@@ -6,16 +6,21 @@ Tolerance (tests/kernels/kernel_rules.py): the error against float64 is at most 
 dtype plus a floor. Outputs are poisoned with NaN, in Python (torch.empty) and in C++ (CMFAST_EXT_POISON=1).
 """
 
+import os
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from cmfast.kernels import group_norm_silu as _gn
 from cmfast.kernels import heun_step as _heun
 from cmfast.kernels import skip_out as _so
-from kernel_rules import poisoned_outputs, within_rule
 
 from cmfast import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kernels"))
+from kernel_rules import poisoned_outputs, within_rule  # noqa: E402  (the kernel tests' shared helpers)
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 assert_within_rule = within_rule(FLOOR)
@@ -23,6 +28,21 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMS = ["silu", "norm", "scale_shift"]
 EPS, SD = 0.002, 0.5
 needs_cuda = pytest.mark.skipif("not torch.cuda.is_available()")
+
+
+@pytest.fixture(autouse=True)
+def extension_built():
+    """Skip without cmfast._C, or fail when CMFAST_REQUIRE_EXT=1 (CI, where it must have been built)."""
+    reason = ops._extension_reason()
+    if reason and os.environ.get("CMFAST_REQUIRE_EXT") == "1":
+        pytest.fail(f"CMFAST_REQUIRE_EXT=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def no_backend_override(monkeypatch):
+    monkeypatch.delenv("CMFAST_BACKEND", raising=False)
 
 
 @contextmanager
