@@ -27,7 +27,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +315,7 @@ def report(results: dict, info: dict, b: Budget, doc: Path, figdir: Path) -> str
         f"Written by `bench/quality_digits.py{' --quick' if info['mode'] == 'quick' else ''}` on {info['date']} "
         f"({info['mode']} budget, {info['wall_minutes']:.1f} minutes in all).",
         f"Machine: {info['machine']}.",
+        *([f"Budget note: {info['note']}"] if info.get("note") else []),
         "",
         "All numbers are **digits FID**: the Frechet distance between Gaussians fitted to the penultimate features "
         "of the shipped digits classifier (`cmfast/assets/digits-classifier.safetensors`, 99.67% test accuracy), "
@@ -462,7 +463,15 @@ def report_only(out: Path, doc: Path, figdir: Path) -> None:
     write_outputs(saved, info, Budget(**fields), out, doc, figdir)
 
 
-def run(mode: str, out: Path, doc: Path, figdir: Path, progress: bool = False, budget: Budget | None = None) -> dict:
+def run(
+    mode: str,
+    out: Path,
+    doc: Path,
+    figdir: Path,
+    progress: bool = False,
+    budget: Budget | None = None,
+    note: str | None = None,
+) -> dict:
     budget = budget or BUDGETS[mode]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -478,6 +487,7 @@ def run(mode: str, out: Path, doc: Path, figdir: Path, progress: bool = False, b
         train_seconds=train_seconds,
         commands=runner.log,
         wall_minutes=(time.perf_counter() - t0) / 60,
+        note=note,
     )
     from cmfast.io import atomic_write_bytes
 
@@ -495,6 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show the commands' progress bars")
     p.add_argument("--report-only", action="store_true", help="rewrite report and figures from OUT/results.json")
+    p.add_argument("--student-steps", type=int, help="override the budget's steps of every student")
+    p.add_argument("--lpips-batch", type=int, help="override the budget's CD-LPIPS batch")
+    p.add_argument("--ema", help="override the budget's EMA rate (runs trained from here on)")
+    p.add_argument("--note", help="a sentence for the report, e.g. why the budget was overridden")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out or ROOT / "runs" / f"quality-digits{'-quick' if args.quick else ''}"
@@ -502,10 +516,12 @@ def main(argv: list[str] | None = None) -> None:
     figdir = args.figdir or (out / "results-digits" if args.quick else ROOT / "docs" / "results-digits")
     if args.threads:
         torch.set_num_threads(args.threads)
+    budget = BUDGETS[mode]
+    overrides = {k: getattr(args, k) for k in ("student_steps", "lpips_batch", "ema") if getattr(args, k) is not None}
     if args.report_only:
         report_only(out, doc, figdir)
     else:
-        run(mode, out, doc, figdir, progress=args.progress)
+        run(mode, out, doc, figdir, progress=args.progress, budget=replace(budget, **overrides), note=args.note)
 
 
 if __name__ == "__main__":
