@@ -44,10 +44,10 @@ inline T from_float(float v) {
 }
 
 // e^x, branch-free so that loops over it vectorise: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
-// n ln2), e^r from Cephes' expf minimax polynomial (about 1 ulp), and 2^n added to the exponent bits. x is clamped to
-// [-87, 88.3], where both e^r 2^n stays a normal float; SiLU and sigmoid only need e^x to saturate outside it.
+// n ln2), e^r from Cephes' expf minimax polynomial (about 1 ulp), and n added to the exponent bits. Outside
+// [-87, 88.3], where e^r 2^n would leave the normal floats, the bits are replaced by 0 or infinity: masking the result
+// rather than clamping x keeps GCC from splitting the loop into a path per clamped case.
 inline float exp_f32(float x) {
-  x = std::min(std::max(x, -87.0f), 88.3f);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest through the mantissa
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -57,9 +57,11 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
+  uint32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) * (1 << 23);
+  bits += static_cast<uint32_t>(static_cast<int32_t>(n)) << 23;
+  const uint32_t under = 0u - static_cast<uint32_t>(x < -87.0f), over = 0u - static_cast<uint32_t>(x > 88.3f);
+  bits = (bits & ~(under | over)) | (over & 0x7f800000u);
   std::memcpy(&p, &bits, sizeof p);
   return p;
 }
