@@ -236,7 +236,7 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
@@ -377,6 +377,17 @@ def report(results: dict, info: dict, b: Budget, doc: Path, figdir: Path) -> str
             f"| {s.label} at 1 step far better (under half) than the teacher at 2 Heun steps "
             f"({heun.get(2, {}).get('evaluations', 'n/a')} NFE, FID {_fmt(two)}) | {_fmt(one)} | {met} |"
         )
+    collapsed = [r for r in rows if r["name"] != "edm" and r["steps"] == 1 and r["metrics"]["precision"] < 0.05]
+    lines += [
+        "",
+        f"Every ratio includes the finite-sample floor ({_fmt(floor)}, the real training digits' own score): the "
+        f"teacher's FID above the floor is {_fmt(ref - floor)}.",
+    ]
+    lines += [
+        f"{r['label']} did not learn digits: at one step its precision is {_fmt(r['metrics']['precision'])} (no "
+        "generated image lies near a real one; see the grids)."
+        for r in collapsed
+    ]
     lines += [
         "",
         "## Time points found by `cmfast tune-steps`",
