@@ -140,6 +140,44 @@ def test_group_norm_silu_cpu_songunet_groups():
         torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 3, eps=1e-6)))
 
 
+# --- CUDA ------------------------------------------------------------------------------------------------------------
+
+# (B, C, H, W): the fused path (the tile fits in shared memory) and the split path (it does not: 64 x 64 positions,
+# 96 x 96 positions of a 4-channel tile, and the paper's widest groups)
+CUDA_SHAPES = [(3, 192, 33, 31), (1, 576, 17, 15), (2, 1152, 8, 8), (16, 64, 32, 32), (1, 256, 64, 64),
+               (2, 64, 96, 96), (1, 1536, 45, 45)]  # fmt: skip
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_group_norm_silu_cuda(dtype, form, monkeypatch):
+    """The CUDA kernel (channels_last) against float64; its backward is cmfast.ops' PyTorch one on the saved stats."""
+    for seed, shape in enumerate(CUDA_SHAPES):
+        gn_check(shape, form, dtype, True, monkeypatch, device="cuda", seed=seed, backward=shape[0] * shape[2] < 200)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_group_norm_silu_cuda_dispatch_and_registration(monkeypatch):
+    x, w, b, scale, shift, _ = gn_inputs((2, 192, 9, 7), "scale_shift", torch.float32, "cuda", channels_last=True)
+    assert ops.explain("group_norm_silu", x, w, b, 32, 1e-5, scale, shift) == ops.Choice("cuda", {})
+    nchw = x.contiguous()
+    assert ops.explain("group_norm_silu", nchw, w, b).skipped["cuda"] == (
+        "the CUDA group_norm_silu kernel needs channels_last (a 4-D x stored channels_last)"
+    )
+    assert ops.explain("skip_out", x, x, 1.0, EPS, SD).skipped["cuda"] == "cmfast._C has no CUDA kernel for skip_out"
+    odd = torch.randn(1, 36, 4, 4, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert "multiple of 8" in ops.explain("group_norm_silu", odd, None, None, 4).skipped["cuda"]
+    with pytest.raises(RuntimeError, match="needs a 4-D channels_last x"):
+        torch.ops.cmfast_ext.group_norm_silu(nchw, w, b, None, None, 32, 1e-5, True)
+    torch.library.opcheck(torch.ops.cmfast_ext.group_norm_silu.default, (x, w, b, scale, shift, 32, 1e-5, True))
+    misaligned = torch.randn(2 * 192 * 63 + 1, device="cuda")[1:].reshape(2, 9, 7, 192).permute(0, 3, 1, 2)
+    y, _, _ = torch.ops.cmfast_ext.group_norm_silu(misaligned, w, b, None, None, 32, 1e-5, True)
+    torch.testing.assert_close(y, _gn.group_norm_silu_ref(misaligned, w, b, 32, 1e-5), rtol=1e-4, atol=1e-5)
+
+
 # --- skip/out and the Heun step --------------------------------------------------------------------------------------
 
 
@@ -288,41 +326,3 @@ def test_dispatch_picks_the_extension_for_cpu_tensors():
     assert choice.skipped["cuda"] == "F is torch.float32 but x is torch.bfloat16; cmfast._C kernels take one dtype"
     cuda_x = torch.empty(2, 64, 3, 5, device="meta")
     assert ops.explain("group_norm_silu", cuda_x, None, None).skipped["cuda"].endswith("not on meta")
-
-
-# --- CUDA ------------------------------------------------------------------------------------------------------------
-
-# (B, C, H, W): the fused path (the tile fits in shared memory) and the split path (it does not: 64 x 64 positions,
-# 96 x 96 positions of a 4-channel tile, and the paper's widest groups)
-CUDA_SHAPES = [(3, 192, 33, 31), (1, 576, 17, 15), (2, 1152, 8, 8), (16, 64, 32, 32), (1, 256, 64, 64),
-               (2, 64, 96, 96), (1, 1536, 45, 45)]  # fmt: skip
-
-
-@needs_cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", FORMS)
-def test_group_norm_silu_cuda(dtype, form, monkeypatch):
-    """The CUDA kernel (channels_last) against float64; its backward is cmfast.ops' PyTorch one on the saved stats."""
-    for seed, shape in enumerate(CUDA_SHAPES):
-        gn_check(shape, form, dtype, True, monkeypatch, device="cuda", seed=seed, backward=shape[0] * shape[2] < 200)
-
-
-@needs_cuda
-@pytest.mark.cuda
-def test_group_norm_silu_cuda_dispatch_and_registration(monkeypatch):
-    x, w, b, scale, shift, _ = gn_inputs((2, 192, 9, 7), "scale_shift", torch.float32, "cuda", channels_last=True)
-    assert ops.explain("group_norm_silu", x, w, b, 32, 1e-5, scale, shift) == ops.Choice("cuda", {})
-    nchw = x.contiguous()
-    assert ops.explain("group_norm_silu", nchw, w, b).skipped["cuda"] == (
-        "the CUDA group_norm_silu kernel needs channels_last (a 4-D x stored channels_last)"
-    )
-    assert ops.explain("skip_out", x, x, 1.0, EPS, SD).skipped["cuda"] == "cmfast._C has no CUDA kernel for skip_out"
-    odd = torch.randn(1, 36, 4, 4, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    assert "multiple of 8" in ops.explain("group_norm_silu", odd, None, None, 4).skipped["cuda"]
-    with pytest.raises(RuntimeError, match="needs a 4-D channels_last x"):
-        torch.ops.cmfast_ext.group_norm_silu(nchw, w, b, None, None, 32, 1e-5, True)
-    torch.library.opcheck(torch.ops.cmfast_ext.group_norm_silu.default, (x, w, b, scale, shift, 32, 1e-5, True))
-    misaligned = torch.randn(2 * 192 * 63 + 1, device="cuda")[1:].reshape(2, 9, 7, 192).permute(0, 3, 1, 2)
-    y, _, _ = torch.ops.cmfast_ext.group_norm_silu(misaligned, w, b, None, None, 32, 1e-5, True)
-    torch.testing.assert_close(y, _gn.group_norm_silu_ref(misaligned, w, b, 32, 1e-5), rtol=1e-4, atol=1e-5)
