@@ -189,6 +189,7 @@ def _generate(model, sampling: dict, args, progress: bool) -> np.ndarray:
 
 def _sampling(args, model) -> tuple[dict, dict]:
     """(generate() keywords, what to record) for the model and --steps/--sigmas/--ts."""
+    from ..cli import _positive
     from ..preconditioning import EDMDenoiser
     from ..sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
 
@@ -196,8 +197,6 @@ def _sampling(args, model) -> tuple[dict, dict]:
         if args.sigmas is not None or args.ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
         steps = 18 if args.steps is None else args.steps
-        from ..cli import _positive
-
         _positive("--steps", steps)
         record = {"sampler": "edm_heun", "heun_steps": steps, "evaluations": heun_evaluations(steps)}
         return {"heun_steps": steps}, record
