@@ -80,7 +80,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cmfast", "cmfast.networks", "cmfast.training", "cmfast.kernels"],
+    packages=["cmfast", "cmfast.networks", "cmfast.training", "cmfast.evaluation", "cmfast.kernels"],
     package_dir={"cmfast.kernels": "kernels"},
     package_data={"cmfast": ["assets/*.safetensors", "assets/*.md"]},
     install_requires=[
@@ -92,8 +92,9 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "scikit-learn>=1.2",  # the built-in digits dataset
+        "torch-fidelity>=0.4",  # FID/KID/IS/precision-recall and the TF-Inception port
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "matplotlib>=3.5"]},
     entry_points={"console_scripts": ["cmfast = cmfast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
