@@ -65,6 +65,21 @@ def _positive(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
+def add_time_point_args(p: argparse.ArgumentParser, with_when: bool = True) -> None:
+    """--steps | --sigmas | --ts (where a consistency model is evaluated, or a teacher's Heun steps), and --grid."""
+    if with_when:
+        when = p.add_mutually_exclusive_group()
+        when.add_argument(
+            "--steps",
+            type=int,
+            help="consistency model: network evaluations, at the Karras grid of STEPS+1 points (default 1); "
+            "EDM teacher: Heun steps (default 18 = 35 evaluations)",
+        )
+        when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,0.661")
+        when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
+    p.add_argument("--grid", type=int, default=40, help="grid size that --ts indexes (the official 'steps')")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -97,16 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_args(p)
-    when = p.add_mutually_exclusive_group()
-    when.add_argument(
-        "--steps",
-        type=int,
-        help="consistency model: network evaluations, at the Karras grid of STEPS+1 points (default 1); "
-        "EDM teacher: Heun steps (default 18 = 35 evaluations)",
-    )
-    when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,0.661")
-    when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
-    p.add_argument("--grid", type=int, default=40, help="grid size that --ts indexes (the official 'steps')")
+    add_time_point_args(p)
     p.add_argument("--num", type=int, help="number of images (default: --batch)")
     p.add_argument("--batch", type=int, default=16, help="images per network call")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")

@@ -203,12 +203,7 @@ def _gn_fwd_flat_kernel(
         mask = i < n
         x = tl.load(X + base + i, mask=mask, other=0.0).to(tl.float32)
         c = g * cpg + i // HW
-        a = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE_SHIFT:
-            s1 = 1.0 + tl.load(Scale + b * ss_b + c * ss_c, mask=mask, other=0.0).to(tl.float32)
-            a = a * s1
-            t = t * s1 + tl.load(Shift + b * st_b + c * st_c, mask=mask, other=0.0).to(tl.float32)
+        a, t = _channel_affine(W, Bias, Scale, Shift, b, c, mask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT)
         z = (x - mean) * rstd * a + t
         if SILU:
             z = z * tl.sigmoid(z)

@@ -48,21 +48,11 @@ def _add_reference_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, with_when: bool) -> None:
-    from ..cli import DTYPES, _default_device, _floats, _ints
+    from ..cli import DTYPES, _default_device, add_time_point_args
 
     p.add_argument("--device", default=_default_device(), help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="backbone precision via autocast")
-    if with_when:
-        when = p.add_mutually_exclusive_group()
-        when.add_argument(
-            "--steps",
-            type=int,
-            help="consistency model: evaluations on the Karras grid of STEPS+1 points (default 1); EDM teacher: Heun "
-            "steps (default 18 = 35 evaluations)",
-        )
-        when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,0.661")
-        when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
-    p.add_argument("--grid", type=int, default=40, help="grid size that --ts indexes (the official 'steps')")
+    add_time_point_args(p, with_when)
     p.add_argument("--num", type=int, default=1000, help="number of generated images")
     p.add_argument("--batch", type=int, default=500, help="images per network call")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")

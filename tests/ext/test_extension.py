@@ -20,6 +20,7 @@ from cmfast.kernels import skip_out as _so
 from cmfast import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kernels"))
+from kernel_rules import group_norm_inputs as gn_inputs  # noqa: E402
 from kernel_rules import poisoned_outputs, within_rule  # noqa: E402  (the kernel tests' shared helpers)
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -54,24 +55,6 @@ def poisoned(monkeypatch):
 
 
 # --- GroupNorm + SiLU ------------------------------------------------------------------------------------------------
-
-
-def gn_inputs(shape, form, dtype, device="cpu", channels_last=False, seed=0):
-    """x (never zero, channel offsets), weight, bias, scale and shift (ADM's view of a (B, 2C, 1, 1) embedding) and an
-    upstream gradient."""
-    B, C, H, W = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, H, W, generator=g) * 2 + torch.randn(1, C, 1, 1, generator=g)
-    weight = 1 + 0.3 * torch.randn(C, generator=g)
-    bias = 0.3 * torch.randn(C, generator=g)
-    dy = torch.randn(B, C, H, W, generator=g)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x, dy = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x, dy))
-    weight, bias = weight.to(device, dtype), bias.to(device, dtype)
-    scale = shift = None
-    if form == "scale_shift":
-        scale, shift = (0.5 * torch.randn(B, 2 * C, 1, 1, generator=g)).to(device, dtype).chunk(2, dim=1)
-    return x, weight, bias, scale, shift, dy
 
 
 def gn_run(inputs, form, backend, cast=None, backward=True):

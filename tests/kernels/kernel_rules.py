@@ -49,3 +49,21 @@ def within_rule(floor: dict):
         )
 
     return check
+
+
+def group_norm_inputs(shape, form, dtype, device="cpu", channels_last=False, seed=0):
+    """GroupNorm test inputs for shape (B, C, H, W): x (never zero, with per-channel offsets), weight, bias, scale and
+    shift (ADM's view of a (B, 2C, 1, 1) embedding; None unless form == "scale_shift") and an upstream gradient."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g) * 2 + torch.randn(1, C, 1, 1, generator=g)
+    weight = 1 + 0.3 * torch.randn(C, generator=g)
+    bias = 0.3 * torch.randn(C, generator=g)
+    dy = torch.randn(B, C, H, W, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, dy = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x, dy))
+    weight, bias = weight.to(device, dtype), bias.to(device, dtype)
+    scale = shift = None
+    if form == "scale_shift":
+        scale, shift = (0.5 * torch.randn(B, 2 * C, 1, 1, generator=g)).to(device, dtype).chunk(2, dim=1)
+    return x, weight, bias, scale, shift, dy

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from cmfast.kernels import group_norm_silu as K  # noqa: E402
-from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
+from kernel_rules import DEVICES, device, group_norm_inputs, poisoned_outputs, within_rule  # noqa: E402, F401
 
 from cmfast import ops  # noqa: E402
 
@@ -33,20 +33,8 @@ SHAPES = {
 
 
 def make_inputs(shape, form, dtype, device, channels_last, seed=0):
-    """x, weight, bias, scale, shift (ADM's view of a (B, 2C, 1, 1) embedding), and an upstream gradient."""
-    B, C, H, W, _ = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, H, W, generator=g) * 2 + torch.randn(1, C, 1, 1, generator=g)
-    weight = 1 + 0.3 * torch.randn(C, generator=g)
-    bias = 0.3 * torch.randn(C, generator=g)
-    dy = torch.randn(B, C, H, W, generator=g)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x, dy = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x, dy))
-    weight, bias = weight.to(device, dtype), bias.to(device, dtype)
-    scale = shift = None
-    if form == "scale_shift":
-        scale, shift = (0.5 * torch.randn(B, 2 * C, 1, 1, generator=g)).to(device, dtype).chunk(2, dim=1)
-    return x, weight, bias, scale, shift, dy
+    """x, weight, bias, scale, shift and an upstream gradient for (B, C, H, W, groups)."""
+    return group_norm_inputs(shape[:4], form, dtype, device, channels_last, seed)
 
 
 def run(inputs, groups, form, backend, cast=None):
