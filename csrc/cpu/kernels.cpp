@@ -142,9 +142,11 @@ CMFAST_CLONES void affine_act_rows(const T* __restrict x, T* __restrict y, int64
 
 // Backward over one channel's n positions (element i at i * stride): sums of dz xhat and dz, with
 // dz = dy act'(xhat a + t) and act'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))) for SiLU.
-template <typename T, bool SILU>
-CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, int64_t n, int64_t stride, float m,
+// CONTIG (NCHW, stride 1 known at compile time) lets GCC use contiguous vector loads instead of gathers.
+template <typename T, bool SILU, bool CONTIG>
+CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, int64_t n, int64_t stride_, float m,
                                  float r, float a, float t, double* sum_a, double* sum_b) {
+  const int64_t stride = CONTIG ? 1 : stride_;
   double sa = 0.0, sb = 0.0;
 #pragma omp simd reduction(+ : sa, sb)
   for (int64_t i = 0; i < n; ++i) {
@@ -162,10 +164,11 @@ CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, 
 }
 
 // dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)) over one channel's n positions.
-template <typename T, bool SILU>
+template <typename T, bool SILU, bool CONTIG>
 CMFAST_CLONES void backward_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n,
-                               int64_t stride, float m, float r, float a, float t, float mean_dxhat,
+                               int64_t stride_, float m, float r, float a, float t, float mean_dxhat,
                                float mean_dxhat_xhat) {
+  const int64_t stride = CONTIG ? 1 : stride_;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xhat = (to_float(x[i * stride]) - m) * r;
@@ -339,8 +342,8 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
   const float *m = mc.const_data_ptr<float>(), *r = rc.const_data_ptr<float>();
   float *sa = sum_a.mutable_data_ptr<float>(), *sb = sum_b.mutable_data_ptr<float>();
   CMFAST_DISPATCH(x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
-    auto run = [&](auto silu_tag) {
-      constexpr bool SILU = decltype(silu_tag)::value;
+    auto run = [&](auto silu_tag, auto contig_tag) {
+      constexpr bool SILU = decltype(silu_tag)::value, CONTIG = decltype(contig_tag)::value;
       const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *dyp = dyc.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
       parallel_items(B * G, 2 * n, [&](int64_t begin, int64_t end) {
@@ -352,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
             aff(b, c, &a, &t);
             const int64_t off = b * C * HW + c * stride_c;
             double s_a = 0.0, s_b = 0.0;
-            backward_sums<scalar_t, SILU>(xp + off, dyp + off, HW, stride_p, m[bg], r[bg], a, t, &s_a, &s_b);
+            backward_sums<scalar_t, SILU, CONTIG>(xp + off, dyp + off, HW, stride_p, m[bg], r[bg], a, t, &s_a, &s_b);
             sa[b * C + c] = static_cast<float>(s_a);
             sb[b * C + c] = static_cast<float>(s_b);
             mean_dxhat += a * s_b / n;
@@ -362,13 +365,17 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
             float a, t;
             aff(b, c, &a, &t);
             const int64_t off = b * C * HW + c * stride_c;
-            backward_dx<scalar_t, SILU>(xp + off, dyp + off, dxp + off, HW, stride_p, m[bg], r[bg], a, t,
+            backward_dx<scalar_t, SILU, CONTIG>(xp + off, dyp + off, dxp + off, HW, stride_p, m[bg], r[bg], a, t,
                                         static_cast<float>(mean_dxhat), static_cast<float>(mean_dxhat_xhat));
           }
         }
       });
     };
-    silu ? run(std::true_type{}) : run(std::false_type{});
+    if (cl) {
+      silu ? run(std::true_type{}, std::false_type{}) : run(std::false_type{}, std::false_type{});
+    } else {
+      silu ? run(std::true_type{}, std::true_type{}) : run(std::false_type{}, std::true_type{});
+    }
   });
   return {dx, sum_a, sum_b};
 }
