@@ -73,3 +73,18 @@ def test_dropout_is_refused_on_cuda(tmp_path, teacher, _):
     config = preset_config("digits-cd", teacher=teacher, dropout=0.1, **FAST)
     with pytest.raises(TrainingError, match="dropout 0.1"):
         Trainer(config, tmp_path / "run", progress=False, device="cuda", graph=True)
+
+
+def test_loss_from_draws_is_the_eager_loss(teacher):
+    """The captured step computes CDLoss.loss_from_draws on randomness drawn by CDLoss.draw: together they are the
+    eager CDLoss call (same generators, same order), checked on the CPU."""
+    import cmfast
+    from cmfast.training.losses import CDLoss
+
+    model = cmfast.load(teacher)
+    online = cmfast.ConsistencyModel(model.net)
+    loss_fn = CDLoss(model, None, num_scales=18, distance="l2")
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    eager = loss_fn(online, images, generator=cmfast.generators_from_seeds(range(4)))
+    z, j = loss_fn.draw(images, cmfast.generators_from_seeds(range(4)))
+    assert torch.equal(loss_fn.loss_from_draws(online, images, None, z, j), eager)
