@@ -140,6 +140,14 @@ CMFAST_CLONES void affine_act_rows(const T* __restrict x, T* __restrict y, int64
   }
 }
 
+// dz = dy act'(z): SiLU's derivative sigmoid(z) (1 + z (1 - sigmoid(z))), or 1 for the identity.
+template <bool SILU>
+inline float act_grad(float dy, float z) {
+  if (!SILU) return dy;
+  const float sig = sigmoid(z);
+  return dy * sig * (1.0f + z * (1.0f - sig));
+}
+
 // Backward over one channel's n positions (element i at i * stride): sums of dz xhat and dz, with
 // dz = dy act'(xhat a + t) and act'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))) for SiLU.
 // CONTIG (NCHW, stride 1 known at compile time) lets GCC use contiguous vector loads instead of gathers.
@@ -151,11 +159,7 @@ CMFAST_CLONES void backward_sums(const T* __restrict x, const T* __restrict dy, 
 #pragma omp simd reduction(+ : sa, sb)
   for (int64_t i = 0; i < n; ++i) {
     const float xhat = (to_float(x[i * stride]) - m) * r;
-    float dz = to_float(dy[i * stride]);
-    if (SILU) {
-      const float z = xhat * a + t, sig = sigmoid(z);
-      dz *= sig * (1.0f + z * (1.0f - sig));
-    }
+    const float dz = act_grad<SILU>(to_float(dy[i * stride]), xhat * a + t);
     sa += static_cast<double>(dz) * xhat;
     sb += dz;
   }
@@ -172,11 +176,7 @@ CMFAST_CLONES void backward_dx(const T* __restrict x, const T* __restrict dy, T*
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xhat = (to_float(x[i * stride]) - m) * r;
-    float dz = to_float(dy[i * stride]);
-    if (SILU) {
-      const float z = xhat * a + t, sig = sigmoid(z);
-      dz *= sig * (1.0f + z * (1.0f - sig));
-    }
+    const float dz = act_grad<SILU>(to_float(dy[i * stride]), xhat * a + t);
     dx[i * stride] = from_float<T>(r * (dz * a - mean_dxhat - xhat * mean_dxhat_xhat));
   }
 }
