@@ -54,7 +54,7 @@ for s in ${STEPS//,/ }; do  # in the order given
       python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
       step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext ;;
     # -v: each result is printed as it happens, so a run stopped at its limit still says which tests failed
-    tests) step tests 110 python3 -m pytest -v -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests ;;
+    tests) step tests 150 python3 -m pytest -v -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests ;;
     attn) step attn 80 python3 -m bench.attention_configs --out "$OUT/attention-configs.json" ;;
     ops) step bench_ops 240 python3 -m bench ops --out "$OUT/bench-ops.json" ;;
     ops-quick) step bench_ops 100 python3 -m bench ops --quick --out "$OUT/bench-ops.json" ;;
