@@ -28,7 +28,7 @@ from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
 from cmfast.training.trainer import Trainer
 
-from .common import peak_tflops, time_ms
+from .common import add_rates, failure, peak_tflops, time_ms
 
 GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
 CPU_CASES = [("ddpmpp-digits8", 32, 0)]
@@ -135,11 +135,10 @@ def run(
                         flops = _step_flops(step)
                     ms = time_ms(step, device, rep_ms=300)
                 except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
-                    rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    rows.append({**row, "skipped": failure(e)})
                     log(f"{preset} {distance} {name}: {rows[-1]['skipped']}")
                     continue
-                row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops / ms / 1e9)
-                row["pct_peak"] = 100 * row["tflop_s"] / peak
+                add_rates(row, ms, batch, flops, peak)
                 if device == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 rows.append(row)

@@ -20,6 +20,19 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def failure(e: Exception) -> str:
+    """One line for a measurement that failed (an OOM, a compile or capture error): it is a result to report."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def add_rates(row: dict, ms: float, images: int, flops: float, peak_tflops: float) -> dict:
+    """row with ms, images/s, TFLOP/s and % of the device's measured matrix peak."""
+    row.update(ms=ms, images_s=images / ms * 1e3, tflop_s=flops / ms / 1e9)
+    row["pct_peak"] = 100 * row["tflop_s"] / peak_tflops
+    return row
+
+
 def machine() -> dict:
     """The device, versions and date a figure was measured with."""
     info = {

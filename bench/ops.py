@@ -23,7 +23,7 @@ from cmfast.kernels.skip_out import skip_out_ref
 
 from cmfast import ops
 
-from .common import peak_bandwidth_gbs, peak_tflops, time_graph_ms, time_ms
+from .common import failure, peak_bandwidth_gbs, peak_tflops, time_graph_ms, time_ms
 
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
@@ -308,14 +308,14 @@ def run(quick: bool = False, compile: bool | None = None, log=print) -> tuple[li
                 with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
                     results[name] = time_ms(fn, device)
             except Exception as e:  # a failing implementation is a result to report, not a reason to stop
-                case.skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                case.skipped[name] = failure(e)
                 continue
             if device == "cuda" and case.mode == "fwd":  # kernel time without Python's launch overhead
                 try:
                     with torch.no_grad():
                         graphed[name] = time_graph_ms(fn)
                 except Exception as e:  # noqa: BLE001 (not capturable: reported beside the eager time)
-                    case.skipped[f"{name} (graph)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    case.skipped[f"{name} (graph)"] = failure(e)
         eager = results.get("eager")
         for name, ms in results.items():
             row = dict(

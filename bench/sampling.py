@@ -23,7 +23,7 @@ from cmfast.generate import image_shape
 from cmfast.graphs import graphed_sampler
 from cmfast.networks import set_fused_ops
 
-from .common import peak_tflops, time_ms
+from .common import add_rates, failure, peak_tflops, time_ms
 
 GPU_MODELS = {"ddpmpp-cifar10": 0, "adm-imagenet64": 1000}  # preset -> classes
 CPU_MODELS = {"ddpmpp-tiny": 0, "adm-tiny": 10}
@@ -142,11 +142,10 @@ def run(
                     with torch.inference_mode():
                         ms = time_ms(fn, device, rep_ms=200)
                 except Exception as e:  # noqa: BLE001 (an OOM or a compile failure is a result to report)
-                    rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    rows.append({**row, "skipped": failure(e)})
                     log(f"{preset} {name} b={batch}: {rows[-1]['skipped']}")
                     continue
-                row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops * batch / ms / 1e9)
-                row["pct_peak"] = 100 * row["tflop_s"] / peak
+                add_rates(row, ms, batch, flops * batch, peak)
                 rows.append(row)
                 log(
                     f"{preset:16s} {name:13s} b={batch:<4d} {ms:9.3f} ms  {row['images_s']:9.1f} img/s  "
@@ -165,7 +164,7 @@ def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> l
         pipe, n_params = _diffusers_pipeline(preset, "cuda")
     except Exception as e:  # noqa: BLE001 (diffusers missing, or an API it changed)
         log(f"diffusers: {type(e).__name__}: {e}")
-        return [dict(model=preset, variant="diffusers", skipped=f"{type(e).__name__}: {str(e)[:200]}")]
+        return [dict(model=preset, variant="diffusers", skipped=failure(e))]
     rows = []
     for batch in batches:
         row = dict(model=preset, variant="diffusers", batch=batch, unet_parameters=n_params)
@@ -179,10 +178,9 @@ def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> l
             with torch.inference_mode():
                 ms = time_ms(lambda kwargs=kwargs: pipe(**kwargs), "cuda", rep_ms=200)
         except Exception as e:  # noqa: BLE001
-            rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            rows.append({**row, "skipped": failure(e)})
             continue
-        row.update(ms=ms, images_s=batch / ms * 1e3, tflop_s=flops * batch / ms / 1e9)
-        row["pct_peak"] = 100 * row["tflop_s"] / peak
+        add_rates(row, ms, batch, flops * batch, peak)
         rows.append(row)
         log(f"{preset:16s} diffusers     b={batch:<4d} {ms:9.3f} ms  {row['images_s']:9.1f} img/s")
     return rows

@@ -208,8 +208,8 @@ def cmd_sample(args) -> None:
     if graph and isinstance(model, EDMDenoiser):
         print("cmfast: --graph applies to consistency models; the teacher's Heun sampler runs eagerly", file=sys.stderr)
         graph = False
-    if graph and graph_unavailable_reason(model):
-        print(f"cmfast: --graph: {graph_unavailable_reason(model)}; sampling eagerly", file=sys.stderr)
+    if graph and (reason := graph_unavailable_reason(model)):
+        print(f"cmfast: --graph: {reason}; sampling eagerly", file=sys.stderr)
         graph = False
     run = {
         "model": args.model,

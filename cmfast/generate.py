@@ -57,8 +57,8 @@ def generate(
     is_teacher = isinstance(model, EDMDenoiser)
     if graph and is_teacher:
         raise ValueError("graph=True applies to consistency models; teachers sample eagerly")
-    if graph and graph_unavailable_reason(model):
-        raise GraphError(f"graph=True: {graph_unavailable_reason(model)}")
+    if graph and (reason := graph_unavailable_reason(model)):
+        raise GraphError(f"graph=True: {reason}")
     if not is_teacher:
         if sigmas is None:
             raise ValueError("a consistency model needs its time points (sigmas)")

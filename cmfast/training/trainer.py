@@ -75,8 +75,9 @@ class Trainer:
         if graph and self.device.type != "cuda":
             print(f"cmfast: --graph: CUDA graphs need a CUDA device, this run is on {self.device}; training eagerly")
             self.graph = False
-        if self.graph and captured_step_problems(self):
-            raise TrainingError("--graph: " + "; ".join(captured_step_problems(self)))
+        problems = captured_step_problems(self) if self.graph else []
+        if problems:
+            raise TrainingError("--graph: " + "; ".join(problems))
         self._captured = None
         # capturable: RAdam keeps its step count on the GPU, as a captured step needs
         self.optimizer = torch.optim.RAdam(self.online.parameters(), lr=config.lr, capturable=self.graph)
