@@ -28,7 +28,7 @@ from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
 from cmfast.training.trainer import Trainer
 
-from .common import add_rates, failure, peak_tflops, time_ms
+from .common import add_rates, failure, peak_tflops, select_models, time_ms
 
 GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
 CPU_CASES = [("ddpmpp-digits8", 32, 0)]
@@ -105,10 +105,13 @@ def run(
     log=print,
     compile_mode: str = "max-autotune",
     budget_s: float = 1e9,
+    models: list[str] | None = None,
+    variants: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = GPU_CASES if device == "cuda" else CPU_CASES
+    wanted_variants = variants
+    by_preset = {case[0]: case for case in (GPU_CASES if device == "cuda" else CPU_CASES)}
+    cases = list(select_models(by_preset, models).values())
     compile = device == "cuda" if compile is None else compile
     distances = ("l2",) if quick or device == "cpu" else ("l2", "lpips")
     deadline = time.monotonic() + budget_s
@@ -116,10 +119,14 @@ def run(
     rows = []
     for preset, batch, n_classes in cases:
         for distance in distances:
-            variants = {"eager-amp": dict(fused=False, compiled=False, graph=False)}
+            # torch.compile (minutes of compiling three backbones and a backward) last, so a cut-off run keeps the rest
+            variants = {
+                "eager-amp": dict(fused=False, compiled=False, graph=False),
+                "cmfast": dict(fused=True, compiled=False, graph=device == "cuda"),
+            }
             if compile:
                 variants["compile"] = dict(fused=False, compiled=True, graph=False)
-            variants["cmfast"] = dict(fused=True, compiled=False, graph=device == "cuda")
+            variants = select_models(variants, wanted_variants, "--variants")
             flops = None
             for name, how in variants.items():
                 row = dict(model=preset, batch=batch, distance=distance, variant=name)

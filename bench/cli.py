@@ -40,6 +40,18 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.compile mode of the whole-model suites (max-autotune tunes for minutes; 'default' is quicker)",
     )
     parser.add_argument("--budget-s", type=float, default=1e9, help="whole-model suites: skip what starts later")
+    parser.add_argument(
+        "--models",
+        type=lambda s: [m for m in s.split(",") if m],
+        help="whole-model suites: comma-separated presets, run in this order (default: all of the device's; on a GPU "
+        "ddpmpp-cifar10,adm-imagenet64, on a CPU the small presets)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=lambda s: [m for m in s.split(",") if m],
+        help="whole-model suites: comma-separated variants, in this order (sampling: eager-bf16, cmfast-fused, "
+        "cmfast-graph, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile)",
+    )
     args = parser.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.out and len(suites) > 1:
@@ -48,7 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {info['device']}; torch {info['torch']}, triton {info.get('triton')}, {info['date']}")
     for suite in suites:
         module = importlib.import_module(SUITES[suite])
-        options = {"compile_mode": args.compile_mode, "budget_s": args.budget_s}
+        options = {
+            "compile_mode": args.compile_mode,
+            "budget_s": args.budget_s,
+            "models": args.models,
+            "variants": args.variants,
+        }
         accepted = inspect.signature(module.run).parameters
         options = {k: v for k, v in options.items() if k in accepted}
         rows, extra = module.run(quick=args.quick, compile=args.compile, log=lambda s: print(s, flush=True), **options)

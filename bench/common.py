@@ -26,6 +26,16 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def select_models(available: dict, wanted: list[str] | None, option: str = "--models") -> dict:
+    """The entries of `available` named in `wanted`, in wanted's order (all of them when wanted is empty or None)."""
+    if not wanted:
+        return dict(available)
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise SystemExit(f"{option}: {', '.join(unknown)} is not available here; choose from {', '.join(available)}")
+    return {name: available[name] for name in wanted}
+
+
 def add_rates(row: dict, ms: float, images: int, flops: float, peak_tflops: float) -> dict:
     """row with ms, images/s, TFLOP/s and % of the device's measured matrix peak."""
     row.update(ms=ms, images_s=images / ms * 1e3, tflop_s=flops / ms / 1e9)

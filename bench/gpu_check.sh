@@ -11,6 +11,10 @@
 #   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
 #   sampling   python -m bench sampling (sampling-quick: batch 1 and 256, compile in 'default' mode)
 #   cd-step    python -m bench cd-step (cd-step-quick: l2 only)
+#   engine     the CUDA tests of the graph sampler, the captured CD step and the CLI (tests/test_graphs.py, training)
+#   engine-bench  the issue-7 figures first, for a short lease: one-step sampling at batch 1 and 256 for ADM-64 then
+#              DDPM++ without torch.compile (eager bf16, cmfast fused, CUDA graph, eager fp32, diffusers), the CD step
+#              (l2) for both models, then the torch.compile rows of sampling in 'default' mode (compiling is slowest)
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
@@ -64,6 +68,15 @@ for s in ${STEPS//,/ }; do  # in the order given
     cd-step) step bench_cd_step 200 python3 -m bench cd-step --out "$OUT/bench-cd-step.json" ;;
     cd-step-quick) step bench_cd_step 90 python3 -m bench cd-step --quick --compile-mode default --budget-s 60 \
       --out "$OUT/bench-cd-step.json" ;;
+    engine) step engine_tests 110 python3 -m pytest -v -p no:cacheprovider -n 4 -m cuda --tb=short -ra \
+      tests/test_graphs.py tests/training ;;
+    engine-bench)
+      step bench_sampling 170 python3 -m bench sampling --quick --no-compile --models adm-imagenet64,ddpmpp-cifar10 \
+        --budget-s 140 --out "$OUT/bench-sampling.json"
+      step bench_cd_step 120 python3 -m bench cd-step --quick --no-compile --models ddpmpp-cifar10,adm-imagenet64 \
+        --budget-s 90 --out "$OUT/bench-cd-step.json"
+      step bench_sampling_compile 150 python3 -m bench sampling --quick --variants compile --compile-mode default \
+        --models adm-imagenet64,ddpmpp-cifar10 --budget-s 100 --out "$OUT/bench-sampling-compile.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

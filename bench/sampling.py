@@ -23,7 +23,7 @@ from cmfast.generate import image_shape
 from cmfast.graphs import graphed_sampler
 from cmfast.networks import set_fused_ops
 
-from .common import add_rates, failure, peak_tflops, time_ms
+from .common import add_rates, failure, peak_tflops, select_models, time_ms
 
 GPU_MODELS = {"ddpmpp-cifar10": 0, "adm-imagenet64": 1000}  # preset -> classes
 CPU_MODELS = {"ddpmpp-tiny": 0, "adm-tiny": 10}
@@ -94,9 +94,12 @@ def run(
     log=print,
     compile_mode: str = "max-autotune",
     budget_s: float = 1e9,
+    models: list[str] | None = None,
+    variants: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = GPU_MODELS if device == "cuda" else CPU_MODELS
+    wanted_variants = variants
+    models = select_models(GPU_MODELS if device == "cuda" else CPU_MODELS, models)
     batches = (BATCHES_GPU if not quick else (1, 256)) if device == "cuda" else BATCHES_CPU
     compile = device == "cuda" if compile is None else compile
     deadline = time.monotonic() + budget_s
@@ -104,17 +107,24 @@ def run(
     log(f"measured bf16 matrix throughput on {device}: {peak:.3g} TFLOP/s")
     rows = []
     for preset, n_classes in models.items():
+        # the baseline and cmfast first, torch.compile (minutes of compiling) last, so a cut-off run keeps the rest
         variants = {
-            "eager-fp32": dict(autocast=None, channels_last=False, fused=False),
             "eager-bf16": dict(autocast=torch.bfloat16, channels_last=True, fused=False),
             "cmfast-fused": dict(autocast=torch.bfloat16, channels_last=False, fused=True),
         }
         if device == "cuda":
             variants["cmfast-graph"] = dict(autocast=torch.bfloat16, channels_last=False, fused=True)
+        variants["eager-fp32"] = dict(autocast=None, channels_last=False, fused=False)
+        if device == "cuda":
+            variants["diffusers"] = {}
         if compile:
             variants["compile"] = dict(autocast=torch.bfloat16, channels_last=True, fused=False)
+        variants = select_models(variants, wanted_variants, "--variants")
         flops = None
         for name, how in variants.items():
+            if name == "diffusers":
+                rows += _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log)
+                continue
             model = _model(preset, device, **how)
             shape = image_shape(model)
             if name == "compile":
@@ -128,17 +138,18 @@ def run(
                 labels = torch.randint(n_classes, (batch,), device=device) if n_classes else None
                 if flops is None:
                     flops = _flops_per_image(model, shape, labels)
-                if name == "cmfast-graph":
-                    sampler = graphed_sampler(model, noise.shape, noise.dtype, [model.sigma_max], labels is not None)
-
-                    def fn(sampler=sampler, noise=noise, labels=labels):
-                        return sampler(noise, (), labels)
-                else:
-
-                    def fn(model=model, noise=noise, labels=labels):
-                        return cmfast.sample(model, noise, [model.sigma_max], class_labels=labels)
-
+                row["flops_per_image"] = flops
                 try:
+                    if name == "cmfast-graph":  # captured here, on first use; a capture error is a result too
+                        sampler = graphed_sampler(model, noise.shape, noise.dtype, [model.sigma_max], n_classes > 0)
+
+                        def fn(sampler=sampler, noise=noise, labels=labels):
+                            return sampler(noise, (), labels)
+                    else:
+
+                        def fn(model=model, noise=noise, labels=labels):
+                            return cmfast.sample(model, noise, [model.sigma_max], class_labels=labels)
+
                     with torch.inference_mode():
                         ms = time_ms(fn, device, rep_ms=200)
                 except Exception as e:  # noqa: BLE001 (an OOM or a compile failure is a result to report)
@@ -154,14 +165,17 @@ def run(
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if device == "cuda":
-            rows += _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log)
     return rows, {"tflops": peak}
 
 
 def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> list[dict]:
     try:
         pipe, n_params = _diffusers_pipeline(preset, "cuda")
+        if flops is None:  # diffusers asked for alone: count the preset's FLOPs from cmfast's network of same widths
+            model = _model(preset, "cuda", torch.bfloat16, False, False)
+            labels = torch.zeros(1, dtype=torch.long, device="cuda") if n_classes else None
+            flops = _flops_per_image(model, image_shape(model), labels)
+            del model
     except Exception as e:  # noqa: BLE001 (diffusers missing, or an API it changed)
         log(f"diffusers: {type(e).__name__}: {e}")
         return [dict(model=preset, variant="diffusers", skipped=failure(e))]

@@ -44,6 +44,18 @@ def test_cli_graph_falls_back_with_a_message(tmp_path, capsys):
     assert (a == b).all()
 
 
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda)])
+def test_cli_graph_on_cuda_matches_eager(tmp_path, capsys, _):
+    """`cmfast sample --graph` end to end on a GPU, two steps: the saved images equal the eager command's."""
+    args = ["sample", "--model", "digits-cd", "--num", "6", "--batch", "3", "--steps", "2", "--device", "cuda"]
+    main([*args, "--no-progress", "--out", str(tmp_path / "eager")])
+    main([*args, "--no-progress", "--graph", "--out", str(tmp_path / "graph")])
+    assert "sampling eagerly" not in capsys.readouterr().err
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("eager", "graph"))
+    assert a.shape[0] == 6 and np.abs(a - b).max() <= 1  # uint8 images; float rounding may move one level
+    assert a.std() > 1
+
+
 @pytest.mark.parametrize("preset", ["ddpmpp-tiny", "adm-tiny"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
