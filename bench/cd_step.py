@@ -6,7 +6,8 @@ target's evaluation, the online forward and backward, RAdam, the EMA updates of 
   compile       the same with the three backbones (teacher, target, online) under torch.compile
   cmfast        bf16 with cmfast's fused ops (set_fused_ops) and the whole step captured as one CUDA graph
                 (cmfast.training.graph_step), as `cmfast distill --graph` runs it
-Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 (GPU); the digits network at batch 32 on a CPU.
+Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 (GPU); the digits network at batch 32 on a CPU; dropout 0,
+as the paper's CD students.
 Distances: l2 and LPIPS (VGG, random backbone: its speed does not depend on the weights).
 Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput: the step's FLOPs are counted by
 torch.utils.flop_counter on one eager step.
@@ -15,6 +16,8 @@ torch.utils.flop_counter on one eager step.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import gc
 import time
 from types import SimpleNamespace
 
@@ -22,7 +25,7 @@ import torch
 
 import cmfast
 from cmfast.generate import image_shape
-from cmfast.networks import set_fused_ops
+from cmfast.networks import PRESETS, set_fused_ops
 from cmfast.training.distances import get_distance
 from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
@@ -43,7 +46,8 @@ class _Step(SimpleNamespace):
 
 def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled: bool, graph: bool, mode: str):
     torch.manual_seed(0)
-    net = cmfast.build_network(preset)
+    # dropout 0, as the paper's CD students (REFERENCE.md); the captured step also refuses dropout
+    net = cmfast.build_network(dataclasses.replace(PRESETS[preset], dropout=0.0))
     teacher = cmfast.EDMDenoiser(copy.deepcopy(net)).to(device).eval().requires_grad_(False)
     online = cmfast.ConsistencyModel(net).to(device).train()
     target = copy.deepcopy(online).requires_grad_(False)
@@ -134,12 +138,14 @@ def run(
                     rows.append({**row, "skipped": "the suite's time budget ran out"})
                     continue
                 try:
+                    if flops is None:  # counted on an eager step: FlopCounterMode does not see into compiled code
+                        plain = dict(fused=False, compiled=False, graph=False)
+                        flops = _step_flops(_make_step(preset, batch, n_classes, distance, device, mode="", **plain))
+                    gc.collect()
                     if device == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                     step = _make_step(preset, batch, n_classes, distance, device, mode=compile_mode, **how)
-                    if flops is None:
-                        flops = _step_flops(step)
                     ms = time_ms(step, device, rep_ms=300)
                 except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
                     rows.append({**row, "skipped": failure(e)})

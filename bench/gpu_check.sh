@@ -5,7 +5,7 @@
 #
 # STEPS is a comma-separated list, run in the order given (default: all). The package is first installed without
 # the C++/CUDA extension; the ext step rebuilds it with the extension (sm_90) and runs its tests.
-#   ext        build the C++/CUDA extension into the package, then tests/ext
+#   ext        build the C++/CUDA extension into the package, then tests/ext (ext-build: only build it)
 #   tests      the CUDA tests (pytest -m cuda: kernels, extension, graph sampler, captured CD step, losses)
 #   attn       bench.attention_configs: every attention block configuration, checked and timed
 #   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
@@ -15,6 +15,12 @@
 #   engine-bench  the issue-7 figures first, for a short lease: one-step sampling at batch 1 and 256 for ADM-64 then
 #              DDPM++ without torch.compile (eager bf16, cmfast fused, CUDA graph, eager fp32, diffusers), the CD step
 #              (l2) for both models, then the torch.compile rows of sampling in 'default' mode (compiling is slowest)
+#   ext-diag   why an argument error inside cmfast._C crashed (bench/ext_throw_check.py; a native backtrace through
+#              cuda-gdb; the same check on a CPU-only build of the extension), then tests/ext without the two tests
+#              that raise errors through the extension
+#   final      the captured CD step's tests alone (with per-test timeouts that print where a hang sits), the DDPM++ CD
+#              step (eager AMP and cmfast, dropout 0), then sampling with eager bf16, the CUDA graph and torch.compile
+#              ('default' mode) in one process per model list
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
@@ -53,10 +59,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 CMFAST_SKIP_EXT=1 step install 120 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
 for s in ${STEPS//,/ }; do  # in the order given
   case $s in
-    ext)  # rebuild with the extension; a failed build leaves the pure-Python install in place
+    ext|ext-build)  # rebuild with the extension; a failed build leaves the pure-Python install in place
       step ext_build 200 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
       python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
-      step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext ;;
+      [ "$s" = ext ] && step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext ;;
     # -v: each result is printed as it happens, so a run stopped at its limit still says which tests failed
     tests) step tests 150 python3 -m pytest -v -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests ;;
     attn) step attn 80 python3 -m bench.attention_configs --out "$OUT/attention-configs.json" ;;
@@ -77,6 +83,27 @@ for s in ${STEPS//,/ }; do  # in the order given
         --budget-s 90 --out "$OUT/bench-cd-step.json"
       step bench_sampling_compile 150 python3 -m bench sampling --quick --variants compile --compile-mode default \
         --models adm-imagenet64,ddpmpp-cifar10 --budget-s 100 --out "$OUT/bench-sampling-compile.json" ;;
+    ext-diag)
+      { g++ --version | head -n 1; python3 -c "import torch; print(torch.__config__.show())" | head -n 6; } \
+        >> "$OUT/steps.txt" 2>&1
+      step ext_throw 60 python3 bench/ext_throw_check.py
+      cat "$OUT/logs/ext_throw.log" >> "$OUT/steps.txt"
+      step ext_cpu_only_build 120 bash -c 'rm -rf /tmp/cpuonly && mkdir /tmp/cpuonly && cp -r setup.py pyproject.toml \
+        README.md cmfast csrc /tmp/cpuonly/ && cd /tmp/cpuonly && rm -f cmfast/_C*.so && CMFAST_EXT_CUDA=0 \
+        python3 setup.py -q build_ext --inplace'
+      step ext_throw_cpu_only 40 bash -c 'python3 bench/ext_throw_check.py --cases torch-with-ext,cpu,cpu-dtype \
+        --so /tmp/cpuonly/cmfast/_C*.so'
+      cat "$OUT/logs/ext_throw_cpu_only.log" >> "$OUT/steps.txt"
+      step ext_tests_nothrow 90 python3 -m pytest -v -p no:cacheprovider --tb=short -ra tests/ext \
+        -k "not clear_errors and not dispatch_and_registration"
+      step ext_throw_gdb 50 cuda-gdb -q -batch -ex run -ex bt --args python3 bench/ext_throw_check.py --cases cpu \
+        --in-process ;;
+    final)
+      step train_tests 90 python3 -m pytest -v -p no:cacheprovider --timeout 70 --tb=short -ra -m cuda tests/training
+      step bench_cd_step 80 python3 -m bench cd-step --quick --no-compile --models ddpmpp-cifar10 \
+        --out "$OUT/bench-cd-step.json"
+      step bench_sampling 160 python3 -m bench sampling --quick --variants eager-bf16,cmfast-graph,compile \
+        --compile-mode default --models adm-imagenet64,ddpmpp-cifar10 --out "$OUT/bench-sampling.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

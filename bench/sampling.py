@@ -120,7 +120,12 @@ def run(
         if compile:
             variants["compile"] = dict(autocast=torch.bfloat16, channels_last=True, fused=False)
         variants = select_models(variants, wanted_variants, "--variants")
-        flops = None
+        # counted on the eager model: FlopCounterMode does not see into compiled code (and compiling under it misleads)
+        plain = _model(preset, device, autocast=None, channels_last=False, fused=False)
+        flops = _flops_per_image(
+            plain, image_shape(plain), torch.zeros(1, dtype=torch.long, device=device) if n_classes else None
+        )
+        del plain
         for name, how in variants.items():
             if name == "diffusers":
                 rows += _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log)
@@ -136,8 +141,6 @@ def run(
                     continue
                 noise = torch.randn(batch, *shape, device=device)
                 labels = torch.randint(n_classes, (batch,), device=device) if n_classes else None
-                if flops is None:
-                    flops = _flops_per_image(model, shape, labels)
                 row["flops_per_image"] = flops
                 try:
                     if name == "cmfast-graph":  # captured here, on first use; a capture error is a result too
@@ -157,6 +160,11 @@ def run(
                     log(f"{preset} {name} b={batch}: {rows[-1]['skipped']}")
                     continue
                 add_rates(row, ms, batch, flops * batch, peak)
+                if name == "compile":  # proof that it compiled: Dynamo's graph count, and its graph breaks
+                    from torch._dynamo.utils import counters
+
+                    row["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+                    row["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
                 rows.append(row)
                 log(
                     f"{preset:16s} {name:13s} b={batch:<4d} {ms:9.3f} ms  {row['images_s']:9.1f} img/s  "
@@ -171,11 +179,6 @@ def run(
 def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> list[dict]:
     try:
         pipe, n_params = _diffusers_pipeline(preset, "cuda")
-        if flops is None:  # diffusers asked for alone: count the preset's FLOPs from cmfast's network of same widths
-            model = _model(preset, "cuda", torch.bfloat16, False, False)
-            labels = torch.zeros(1, dtype=torch.long, device="cuda") if n_classes else None
-            flops = _flops_per_image(model, image_shape(model), labels)
-            del model
     except Exception as e:  # noqa: BLE001 (diffusers missing, or an API it changed)
         log(f"diffusers: {type(e).__name__}: {e}")
         return [dict(model=preset, variant="diffusers", skipped=failure(e))]
