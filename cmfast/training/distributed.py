@@ -41,6 +41,8 @@ def init_distributed(device: str | None = None) -> Distributed:
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index: this process's GPU
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available on this machine")
     if device.type == "cuda":
