@@ -323,8 +323,8 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
   const int64_t B = x.size(0), C = x.size(1), G = num_groups;
   const std::pair<const char*, const Tensor*> stats[] = {{"mean", &mean}, {"rstd", &rstd}};
   for (auto [name, t] : stats) {
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == B && t->size(1) == G, op, ": ",
+    CMFAST_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    CMFAST_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == B && t->size(1) == G, op, ": ",
                 name, " must be float32 of shape (B, num_groups) = (", B, ", ", G, "), got ", t->scalar_type(), " ",
                 t->sizes());
   }
@@ -439,7 +439,7 @@ void per_sample_blocks(int64_t B, int64_t n, const F& f) {
 Tensor skip_out_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, double sigma_min, double sigma_data,
                     bool clamp) {
   const char* op = "cmfast_ext::skip_out";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  CMFAST_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
   check_dtype(op, "x", x);
   check_like(op, "F", F, x);
   const Tensor sig = per_sample(op, "sigma", sigma, x);
@@ -467,7 +467,7 @@ Tensor skip_out_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, doubl
 Tensor heun_step_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, const Tensor& sigma_next,
                      const std::optional<Tensor>& F_next, double sigma_data, bool clamp) {
   const char* op = "cmfast_ext::heun_step";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  CMFAST_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
   check_dtype(op, "x", x);
   check_like(op, "F", F, x);
   if (F_next.has_value()) check_like(op, "F_next", *F_next, x);

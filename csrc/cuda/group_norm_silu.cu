@@ -354,18 +354,18 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cuda(const Tensor& x_in, cons
                                                         double eps, bool silu) {
   const char* op = "cmfast_ext::group_norm_silu (CUDA)";
   const auto params = check_group_norm(op, x_in, weight, bias, scale, shift, num_groups);
-  TORCH_CHECK(x_in.dim() == 4 && x_in.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+  CMFAST_CHECK(x_in.dim() == 4 && x_in.is_contiguous(at::MemoryFormat::ChannelsLast), op,
               ": the CUDA kernel needs a 4-D channels_last x (x.contiguous(memory_format=torch.channels_last)), got ",
               "shape ", x_in.sizes(), " strides ", x_in.strides());
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), C = x_in.size(1), G = num_groups, HW = x_in.size(2) * x_in.size(3);
   const int64_t cpg = C / G, V = 16 / x_in.element_size();
-  TORCH_CHECK(C % V == 0, op, ": the CUDA kernel reads 16-byte vectors, so C must be a multiple of ", V, " for ",
+  CMFAST_CHECK(C % V == 0, op, ": the CUDA kernel reads 16-byte vectors, so C must be a multiple of ", V, " for ",
               x_in.scalar_type(), ", got C = ", C);
   int64_t TC = std::lcm(cpg, V);  // tile: whole groups and whole vectors
-  TORCH_CHECK(TC / V <= kThreads, op, ": ", cpg, " channels per group make a tile of ", TC,
+  CMFAST_CHECK(TC / V <= kThreads, op, ": ", cpg, " channels per group make a tile of ", TC,
               " channels, more than the kernel's ", kThreads * V);
-  TORCH_CHECK(HW * C < (int64_t{1} << 31), op, ": ", HW * C, " elements per sample overflow 32-bit row offsets");
+  CMFAST_CHECK(HW * C < (int64_t{1} << 31), op, ": ", HW * C, " elements per sample overflow 32-bit row offsets");
   // A misaligned view (storage offset) is copied so that every row start is 16-byte aligned.
   const Tensor x = reinterpret_cast<uintptr_t>(x_in.const_data_ptr()) % 16 == 0
                        ? x_in
