@@ -57,7 +57,7 @@ def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled
         if fused:
             set_fused_ops(m.net)
         if compiled:
-            m.net = torch.compile(m.net, mode=mode)
+            m.net = torch.compile(m.net, mode=mode, dynamic=False)
     dist = get_distance("lpips", pretrained_backbone=False) if distance == "lpips" else "l2"
     loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95)
     optimizer = torch.optim.RAdam(online.parameters(), lr=1e-5, capturable=graph)

@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         help="whole-model suites: comma-separated variants, in this order (sampling: eager-bf16, cmfast-fused, "
         "cmfast-graph, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile)",
     )
+    parser.add_argument(
+        "--batches",
+        type=lambda s: [int(b) for b in s.split(",") if b],
+        help="sampling: comma-separated batch sizes, in this order (default: 1,16,64,256 on a GPU, 1,16 on a CPU; "
+        "--quick: 1,256)",
+    )
     args = parser.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.out and len(suites) > 1:
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "budget_s": args.budget_s,
             "models": args.models,
             "variants": args.variants,
+            "batches": args.batches,
         }
         accepted = inspect.signature(module.run).parameters
         options = {k: v for k, v in options.items() if k in accepted}

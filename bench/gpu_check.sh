@@ -20,7 +20,7 @@
 #              that raise errors through the extension
 #   final      the captured CD step's tests alone (with per-test timeouts that print where a hang sits), the DDPM++ CD
 #              step (eager AMP and cmfast, dropout 0), then sampling with eager bf16, the CUDA graph and torch.compile
-#              ('default' mode) in one process per model list
+#              ('default' mode, static shapes), batch 256 first, ADM-64 first
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
@@ -102,7 +102,7 @@ for s in ${STEPS//,/ }; do  # in the order given
       step train_tests 90 python3 -m pytest -v -p no:cacheprovider --timeout 70 --tb=short -ra -m cuda tests/training
       step bench_cd_step 80 python3 -m bench cd-step --quick --no-compile --models ddpmpp-cifar10 \
         --out "$OUT/bench-cd-step.json"
-      step bench_sampling 160 python3 -m bench sampling --quick --variants eager-bf16,cmfast-graph,compile \
+      step bench_sampling 200 python3 -m bench sampling --variants eager-bf16,cmfast-graph,compile --batches 256,1 \
         --compile-mode default --models adm-imagenet64,ddpmpp-cifar10 --out "$OUT/bench-sampling.json" ;;
     *) echo "unknown step $s" ;;
   esac

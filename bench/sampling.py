@@ -96,11 +96,13 @@ def run(
     budget_s: float = 1e9,
     models: list[str] | None = None,
     variants: list[str] | None = None,
+    batches: list[int] | None = None,
 ) -> tuple[list[dict], dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    wanted_variants = variants
+    wanted_variants, wanted_batches = variants, batches
     models = select_models(GPU_MODELS if device == "cuda" else CPU_MODELS, models)
     batches = (BATCHES_GPU if not quick else (1, 256)) if device == "cuda" else BATCHES_CPU
+    batches = wanted_batches or batches
     compile = device == "cuda" if compile is None else compile
     deadline = time.monotonic() + budget_s
     peak = peak_tflops(device)
@@ -133,7 +135,9 @@ def run(
             model = _model(preset, device, **how)
             shape = image_shape(model)
             if name == "compile":
-                model.net = torch.compile(model.net, mode=compile_mode)
+                # static shapes: one specialised compile per batch size, as a user serving a fixed batch would run it
+                # (with dynamic shapes the second batch size recompiles for all sizes, slower to build and to run)
+                model.net = torch.compile(model.net, mode=compile_mode, dynamic=False)
             for batch in batches:
                 row = dict(model=preset, variant=name, batch=batch)
                 if time.monotonic() > deadline:
