@@ -138,7 +138,9 @@ def run(
                     rows.append({**row, "skipped": "the suite's time budget ran out"})
                     continue
                 try:
-                    if flops is None:  # counted on an eager step: FlopCounterMode does not see into compiled code
+                    # FLOPs are counted on an eager step (FlopCounterMode sees nothing inside compiled code or a
+                    # graph replay): eager-amp's own, or a plain one built for it when eager-amp is not asked for
+                    if flops is None and name != "eager-amp":
                         plain = dict(fused=False, compiled=False, graph=False)
                         flops = _step_flops(_make_step(preset, batch, n_classes, distance, device, mode="", **plain))
                     gc.collect()
@@ -146,6 +148,8 @@ def run(
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                     step = _make_step(preset, batch, n_classes, distance, device, mode=compile_mode, **how)
+                    if flops is None:
+                        flops = _step_flops(step)
                     ms = time_ms(step, device, rep_ms=300)
                 except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
                     rows.append({**row, "skipped": failure(e)})

@@ -18,6 +18,16 @@ from .common import machine, table, write_results
 SUITES = {"ops": "bench.ops", "sampling": "bench.sampling", "cd-step": "bench.cd_step"}
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """'256,1' -> [256, 1], or a one-line argparse error naming the bad entry."""
+    sizes = []
+    for entry in filter(None, text.split(",")):
+        if not entry.isdigit() or int(entry) < 1:
+            raise argparse.ArgumentTypeError(f"batch sizes are positive integers separated by commas, got {entry!r}")
+        sizes.append(int(entry))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--batches",
-        type=lambda s: [int(b) for b in s.split(",") if b],
+        type=_batch_sizes,
         help="sampling: comma-separated batch sizes, in this order (default: 1,16,64,256 on a GPU, 1,16 on a CPU; "
         "--quick: 1,256)",
     )
