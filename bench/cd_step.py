@@ -25,7 +25,7 @@ import torch
 
 import cmfast
 from cmfast.generate import image_shape
-from cmfast.networks import PRESETS, set_fused_ops
+from cmfast.networks import NETWORK_PRESETS, set_fused_ops
 from cmfast.training.distances import get_distance
 from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
@@ -47,7 +47,7 @@ class _Step(SimpleNamespace):
 def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled: bool, graph: bool, mode: str):
     torch.manual_seed(0)
     # dropout 0, as the paper's CD students (REFERENCE.md); the captured step also refuses dropout
-    net = cmfast.build_network(dataclasses.replace(PRESETS[preset], dropout=0.0))
+    net = cmfast.build_network(dataclasses.replace(NETWORK_PRESETS[preset], dropout=0.0))
     teacher = cmfast.EDMDenoiser(copy.deepcopy(net)).to(device).eval().requires_grad_(False)
     online = cmfast.ConsistencyModel(net).to(device).train()
     target = copy.deepcopy(online).requires_grad_(False)

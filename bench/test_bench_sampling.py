@@ -16,9 +16,9 @@ def test_one_step_sampling_eager_cpu(benchmark, preset, batch):
     torch.manual_seed(0)
     model = cmfast.ConsistencyModel(cmfast.build_network(preset)).eval()
     cfg = model.net.config
-    size = getattr(cfg, "img_resolution", None) or cfg.image_size
+    size = cfg.resolution
     noise = torch.randn(batch, cfg.in_channels, size, size)
-    labels = torch.zeros(batch, dtype=torch.long) if getattr(cfg, "num_classes", 0) else None
+    labels = torch.zeros(batch, dtype=torch.long) if cfg.num_classes else None
 
     def one_step():
         with torch.inference_mode():

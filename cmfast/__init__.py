@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, load, load_official_checkpoint, save
 from .editing import colorize, denoise, edit, inpaint, interpolate, stroke_edit, super_resolve
-from .networks import PRESETS, build_network
+from .networks import NETWORK_PRESETS, build_network
 from .preconditioning import ConsistencyModel, EDMDenoiser
 from .sampling import (
     generators_from_seeds,
@@ -16,7 +16,7 @@ from .sampling import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS",
+    "NETWORK_PRESETS",
     "CheckpointError",
     "ConsistencyModel",
     "EDMDenoiser",

@@ -21,7 +21,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .io import atomic_write_bytes
-from .networks import PRESETS, ADMConfig, adm_config_from_state_dict, build_network, config_from_dict, config_to_dict
+from .networks import (
+    NETWORK_PRESETS,
+    ADMConfig,
+    adm_config_from_state_dict,
+    build_network,
+    config_from_dict,
+    config_to_dict,
+)
 from .preconditioning import MODEL_KINDS, ConsistencyModel, EDMDenoiser
 
 FORMAT_NAME = "cmfast"
@@ -138,9 +145,9 @@ def load_official_checkpoint(
                     _network_with_weights(path, near, state)
                 raise CheckpointError(f"{path}: {_first_line(err)}")
     elif isinstance(arch, str):
-        config = PRESETS.get(arch)
+        config = NETWORK_PRESETS.get(arch)
         if not isinstance(config, ADMConfig):
-            adm = [name for name, cfg in PRESETS.items() if isinstance(cfg, ADMConfig)]
+            adm = [name for name, cfg in NETWORK_PRESETS.items() if isinstance(cfg, ADMConfig)]
             raise CheckpointError(f"{path}: arch {arch!r} is not an ADM preset; choose one of {', '.join(adm)}")
     else:
         config = arch
@@ -153,7 +160,7 @@ def load_official_checkpoint(
 
 def _adm_preset_shapes() -> list[tuple[ADMConfig, dict[str, tuple]]]:
     out = []
-    for config in PRESETS.values():
+    for config in NETWORK_PRESETS.values():
         if isinstance(config, ADMConfig):
             with torch.device("meta"):
                 out.append((config, {k: tuple(v.shape) for k, v in build_network(config).state_dict().items()}))
@@ -222,7 +229,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
     with 0), a .safetensors file or an official .pt file."""
     if spec in SHIPPED:
         return load(ASSETS / f"{spec}.safetensors", device=device)
-    if spec in PRESETS:
+    if spec in NETWORK_PRESETS:
         with torch.random.fork_rng(devices=[]):  # the same random weights every time, without touching global RNG
             torch.manual_seed(0)
             return ConsistencyModel(build_network(spec)).to(device)
@@ -230,7 +237,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
         raise CheckpointError(f"{spec}: is a directory, not a checkpoint file")
     if not os.path.exists(spec):
         raise CheckpointError(
-            f"{spec}: neither a shipped model ({', '.join(SHIPPED)}), a network preset ({', '.join(PRESETS)}) "
+            f"{spec}: neither a shipped model ({', '.join(SHIPPED)}), a network preset ({', '.join(NETWORK_PRESETS)}) "
             "nor an existing file"
         )
     with open(spec, "rb") as fh:

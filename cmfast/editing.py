@@ -32,9 +32,11 @@ from .sampling import (
     SIGMA_MIN,
     Denoiser,
     Generators,
+    consistency_steps,
     evaluation_sigmas,
     karras_sigmas,
     multistep_sigmas,
+    noise_from,
     randn,
     sigmas_from_ts,
 )
@@ -52,26 +54,6 @@ LUMINANCE = (0.2989, 0.5870, 0.1140)  # ITU-R 601 weights, as in the official co
 
 def _sigma_min(f: Denoiser, sigma_min: float | None) -> float:
     return float(sigma_min if sigma_min is not None else getattr(f, "sigma_min", SIGMA_MIN))
-
-
-def _iterate(
-    f: Denoiser,
-    x: Tensor,
-    sigmas: list[float],
-    project: LinearMap | None,
-    class_labels: Tensor | None,
-    generator: Generators,
-    clamp: bool,
-    eps: float,
-) -> Tensor:
-    """x <- P(f(x, t_1)); then for each later t_n: x <- P(f(x + sqrt(t_n^2 - eps^2) z, t_n)), P = project."""
-    for n, sigma in enumerate(sigmas):
-        if n > 0:
-            x = x + math.sqrt(sigma**2 - eps**2) * randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        x = f(x, sigma, class_labels)
-        x = x.clamp(-1, 1) if clamp else x  # as the official editors do, before the replacement
-        x = project(x) if project is not None else x
-    return x
 
 
 def check_inverse(A: LinearMap, A_inv: LinearMap, like: Tensor, tol: float = 1e-4) -> None:
@@ -144,7 +126,9 @@ def edit(
     elif start.shape != images.shape:
         raise ValueError(f"start has shape {tuple(start.shape)}, the images {tuple(images.shape)}")
     x = start + sigmas[0] * randn(images.shape, generator, device=images.device, dtype=images.dtype)
-    return _iterate(f, x, sigmas, project, class_labels, generator, clamp, eps)
+    # x <- P(f(x, t_1)), then x <- P(f(x + sqrt(t_n^2 - eps^2) z, t_n)); f's output is clamped before P, as the
+    # official editors do
+    return consistency_steps(f, x, sigmas, class_labels, noise_from(generator), clamp, eps, project)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -476,7 +460,7 @@ def denoise(
     if not eps < sigma <= getattr(f, "sigma_max", math.inf):
         raise ValueError(f"the noise level sigma must lie in ({eps}, {getattr(f, 'sigma_max', math.inf)}], got {sigma}")
     sigmas = [float(sigma)] if steps == 1 else evaluation_sigmas(multistep_sigmas(steps, eps, sigma), eps)
-    return _iterate(f, noisy, sigmas, None, class_labels, generator, clamp, eps)
+    return consistency_steps(f, noisy, sigmas, class_labels, noise_from(generator), clamp, eps)
 
 
 def slerp(z1: Tensor, z2: Tensor, alpha: float | Tensor) -> Tensor:
@@ -546,7 +530,7 @@ def _model_channels(f) -> int | None:
 
 def _model_resolution(f) -> int | None:
     cfg = _model_config(f)
-    return getattr(cfg, "img_resolution", None) or getattr(cfg, "image_size", None)
+    return cfg.resolution if cfg is not None else None
 
 
 def _check_channels(f, images: Tensor) -> None:

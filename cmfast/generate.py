@@ -1,22 +1,124 @@
-"""Batch generation with per-sample seeds: what `cmfast sample` and `cmfast demo` run.
+"""Batch generation with per-sample seeds, and the one place that plans a sampling run.
 
-Image i of a run with seed S draws its noise (and its class label, when the model is class-conditional and no label
-is given) from its own generator seeded S + i, so it is the same image whatever the batch size.
+`sampling_plan` decides, once per command, whether a model samples as a teacher (EDM's Heun sampler) or as a
+consistency model (Algorithm 1), which time points it runs, and whether a CUDA graph can replay it; `sample`, `eval`,
+`tune-steps` and `edit` all take its answer. `generate` then runs a plan over batches: image i of a run with seed S
+draws its noise (and its class label, when the model is class-conditional and no label is given) from its own
+generator seeded S + i, so it is the same image whatever the batch size.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .graphs import GraphError, graph_sample, graph_unavailable_reason
+from .graphs import graph_unavailable_reason, graphed_sampler
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
-from .sampling import evaluation_sigmas, generators_from_seeds, heun_sample, randint, randn, sample
+from .sampling import (
+    consistency_steps,
+    evaluation_sigmas,
+    generators_from_seeds,
+    heun_evaluations,
+    heun_sample,
+    multistep_sigmas,
+    noise_from,
+    randint,
+    randn,
+    sigmas_from_ts,
+)
+
+DEFAULT_HEUN_STEPS = 18  # EDM's CIFAR-10 setting: 35 network evaluations
+DEFAULT_GRID = 40  # the official grid that `ts` indexes
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How a model samples, decided once by `sampling_plan`.
+
+    A teacher runs EDM's Heun sampler for `heun_steps` steps; a consistency model runs Algorithm 1 at
+    `evaluation_sigmas`. `sigmas` are the time points as the user gave or resolved them (a final sigma_min only marks
+    the end), `graph` whether a CUDA graph replays the sampler, and `graph_refused` why a requested graph cannot run.
+    """
+
+    teacher: bool
+    sigmas: tuple[float, ...] | None = None
+    evaluation_sigmas: tuple[float, ...] | None = None
+    heun_steps: int | None = None
+    graph: bool = False
+    graph_refused: str = ""
+    ts: tuple[int, ...] | None = None
+    grid: int | None = None
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image."""
+        return heun_evaluations(self.heun_steps) if self.teacher else len(self.evaluation_sigmas)
+
+    def record(self) -> dict:
+        """What a run's JSON says about its sampler."""
+        if self.teacher:
+            return {"sampler": "edm_heun", "heun_steps": self.heun_steps, "evaluations": self.evaluations}
+        record = {"sampler": "multistep", "sigmas": list(self.sigmas), "evaluations": self.evaluations}
+        if self.ts is not None:
+            record.update(ts=list(self.ts), grid=self.grid)
+        return record
+
+
+def sampling_plan(
+    model: ConsistencyModel | EDMDenoiser,
+    steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    ts: Sequence[int] | None = None,
+    grid: int = DEFAULT_GRID,
+    graph: bool = False,
+    default_sigmas: Sequence[float] | None = None,
+    teacher_error: str | None = None,
+) -> SamplingPlan:
+    """Decide teacher or student, the time points and graph use for `model`, or raise a one-line ValueError.
+
+    A consistency model takes at most one of `steps` (evaluations at the Karras grid of steps + 1 points), `sigmas`
+    (explicit descending time points) or `ts` (official indices into the Karras grid of `grid` points); with none,
+    `default_sigmas`, else one step at sigma_max. An EDM teacher takes only `steps`, its Heun steps (default 18).
+    teacher_error: refuse teachers with this one-line message (commands that need a consistency model).
+    graph=True asks for CUDA-graph replay; where it cannot run, the plan says why in `graph_refused`.
+    """
+    if sum(v is not None for v in (steps, sigmas, ts)) > 1:
+        raise ValueError("give one of steps, sigmas or ts")
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise ValueError(f"--steps must be a positive integer, got {steps}")
+    if isinstance(model, EDMDenoiser):
+        if teacher_error:
+            raise ValueError(teacher_error)
+        if sigmas is not None or ts is not None:
+            raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
+        refused = "teachers sample with EDM's Heun sampler, which is not captured" if graph else ""
+        return SamplingPlan(True, heun_steps=DEFAULT_HEUN_STEPS if steps is None else int(steps), graph_refused=refused)
+    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    if sigmas is not None:
+        chosen = [float(s) for s in sigmas]
+    elif ts is not None:
+        chosen = sigmas_from_ts(ts, grid, **kw).tolist()
+    elif steps is None and default_sigmas is not None:
+        chosen = [float(s) for s in default_sigmas]
+    else:
+        chosen = multistep_sigmas(1 if steps is None else steps, **kw).tolist()
+    evaluated = evaluation_sigmas(chosen, model.sigma_min, model.sigma_max)
+    refused = graph_unavailable_reason(model) if graph else ""
+    return SamplingPlan(
+        False,
+        sigmas=tuple(chosen),
+        evaluation_sigmas=tuple(evaluated),
+        graph=graph and not refused,
+        graph_refused=refused,
+        ts=tuple(int(t) for t in ts) if ts is not None else None,
+        grid=grid if ts is not None else None,
+    )
 
 
 @dataclass
@@ -29,45 +131,50 @@ class Generated:
 def image_shape(model: ConsistencyModel | EDMDenoiser) -> tuple[int, int, int]:
     """(C, H, W) that the backbone takes."""
     cfg = model.net.config
-    size = getattr(cfg, "img_resolution", None) or cfg.image_size
-    return cfg.in_channels, size, size
+    return cfg.in_channels, cfg.resolution, cfg.resolution
 
 
 def num_classes(model: ConsistencyModel | EDMDenoiser) -> int:
-    cfg = model.net.config
-    return getattr(cfg, "num_classes", 0) or getattr(cfg, "label_dim", 0)
+    """The backbone's number of classes (0 = unconditional)."""
+    return model.net.config.num_classes
+
+
+def check_class_label(model: ConsistencyModel | EDMDenoiser, label: int | None) -> None:
+    """A one-line ValueError unless `label` is None or a class of this model."""
+    classes = num_classes(model)
+    if label is not None and classes == 0:
+        raise ValueError("this model is unconditional; drop --class-label")
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--class-label {label} out of range for a model with {classes} classes")
+
+
+def run_plan(model, plan: SamplingPlan, noise, class_labels=None, generator=None):
+    """One batch through the planned sampler: noise (B, C, H, W) standard normal, fresh noise from `generator`."""
+    if plan.teacher:
+        return heun_sample(model, noise, plan.heun_steps, class_labels=class_labels)
+    sigmas = list(plan.evaluation_sigmas)
+    draw = noise_from(generator)
+    if plan.graph:
+        zs = [draw(noise) for _ in sigmas[1:]]
+        sampler = graphed_sampler(model, noise.shape, noise.dtype, sigmas, class_labels is not None)
+        return sampler(noise, zs, class_labels)
+    return consistency_steps(model, sigmas[0] * noise, sigmas, class_labels, draw, sigma_min=model.sigma_min)
 
 
 def generate(
     model: ConsistencyModel | EDMDenoiser,
+    plan: SamplingPlan,
     num: int,
     batch: int,
     seed: int = 0,
-    sigmas=None,
-    heun_steps: int = 18,
     class_label: int | None = None,
     progress: bool = True,
-    graph: bool = False,
 ) -> Generated:
-    """Sample `num` images in batches of `batch`. A ConsistencyModel uses Algorithm 1 over `sigmas`; an EDMDenoiser
-    (a teacher) uses EDM's Heun sampler with `heun_steps` steps. graph=True replays a CUDA graph per batch size
-    (cmfast.graphs; consistency models on CUDA only), with the same images."""
+    """Sample `num` images in batches of `batch` as `plan` says (see `sampling_plan`)."""
     if num < 1 or batch < 1:
         raise ValueError(f"--num and --batch must be positive, got num={num}, batch={batch}")
-    is_teacher = isinstance(model, EDMDenoiser)
-    if graph and is_teacher:
-        raise ValueError("graph=True applies to consistency models; teachers sample eagerly")
-    if graph and (reason := graph_unavailable_reason(model)):
-        raise GraphError(f"graph=True: {reason}")
-    if not is_teacher:
-        if sigmas is None:
-            raise ValueError("a consistency model needs its time points (sigmas)")
-        evaluation_sigmas(sigmas, model.sigma_min, model.sigma_max)  # fail before the progress bar starts
+    check_class_label(model, class_label)
     n_classes = num_classes(model)
-    if class_label is not None and n_classes == 0:
-        raise ValueError("this model is unconditional; drop --class-label")
-    if class_label is not None and not 0 <= class_label < n_classes:
-        raise ValueError(f"class label {class_label} out of range for a model with {n_classes} classes")
     device = next(model.parameters()).device
     shape = image_shape(model)
     images, labels, seconds = [], [], 0.0
@@ -85,12 +192,7 @@ def generate(
             labels.append(y.cpu().numpy())
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if is_teacher:
-                x = heun_sample(model, noise, heun_steps, class_labels=y)
-            elif graph:
-                x = graph_sample(model, noise, sigmas, class_labels=y, generator=gens)
-            else:
-                x = sample(model, noise, sigmas, class_labels=y, generator=gens)
+            x = run_plan(model, plan, noise, y, gens)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""CUDA-graph-captured sampling (issue 7): Algorithm 1 for a fixed batch size, dtype and sigma list, captured once and
+"""CUDA-graph-captured sampling: Algorithm 1 for a fixed batch size, dtype and sigma list, captured once and
 replayed, so a one-step batch costs one graph launch instead of hundreds of kernel launches from Python.
 
 The captured region reads static buffers: the starting noise, the fresh noise of every later step, the class labels.
@@ -10,14 +10,13 @@ while a model moved to another device or dtype needs `clear_graphs(model)`.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .sampling import SIGMA_MIN, Denoiser, Generators, evaluation_sigmas, randn
+from .sampling import SIGMA_MIN, Denoiser, Generators, consistency_steps, evaluation_sigmas, noise_given, randn
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: GraphedSampler}
 
@@ -35,16 +34,6 @@ def graph_unavailable_reason(model: torch.nn.Module | None = None) -> str:
         if params and params[0].device.type != "cuda":
             return f"the model is on {params[0].device}; move it to a CUDA device first"
     return ""
-
-
-def _multistep(f: Denoiser, noise: Tensor, zs: Sequence[Tensor], sigmas: list[float], labels, clamp: bool, eps: float):
-    """Algorithm 1 with its fresh noise given: the arithmetic of cmfast.sample, step for step."""
-    x = f(sigmas[0] * noise, sigmas[0], labels)
-    x = x.clamp(-1, 1) if clamp else x
-    for sigma, z in zip(sigmas[1:], zs):
-        x = f(x + math.sqrt(sigma**2 - eps**2) * z, sigma, labels)
-        x = x.clamp(-1, 1) if clamp else x
-    return x
 
 
 class GraphedSampler:
@@ -67,8 +56,9 @@ class GraphedSampler:
         for t in (self.noise, *self.zs):
             t.normal_(generator=g)
 
-        def body():
-            return _multistep(f, self.noise, self.zs, self.sigmas, self.labels, self.clamp, self.eps)
+        def body():  # Algorithm 1's one body (cmfast.sampling), reading the static buffers
+            x = self.sigmas[0] * self.noise
+            return consistency_steps(f, x, self.sigmas, self.labels, noise_given(self.zs), self.clamp, self.eps)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

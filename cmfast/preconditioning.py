@@ -119,14 +119,6 @@ class _Preconditioned(nn.Module):
             f"noise_cond={self.noise_cond!r}, autocast_dtype={self.autocast_dtype}"
         )
 
-    # The project's own checkpoint format; imported lazily to keep this module free of I/O.
-    def save(self, path: str, dtype: torch.dtype | None = None) -> None:
-        """Write weights (safetensors; optionally stored at `dtype`) and config (JSON in the file's metadata)
-        atomically to `path`."""
-        from .checkpoint import save
-
-        save(self, path, dtype)
-
 
 class EDMDenoiser(_Preconditioned):
     """Teacher denoiser D(x, sigma, class_labels=None) with EDM's preconditioning (Karras et al. 2022, Table 1)."""

@@ -15,6 +15,8 @@ from torch import Tensor
 
 Denoiser = Callable[..., Tensor]  # f(x, sigma, class_labels=None) -> x0
 Generators = torch.Generator | Sequence[torch.Generator] | None
+NoiseSource = Callable[[Tensor], Tensor]  # like -> fresh standard normal noise of like's shape, device and dtype
+Projection = Callable[[Tensor], Tensor]  # x -> x with the known part put back (zero-shot editing)
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
@@ -136,6 +138,52 @@ def evaluation_sigmas(sigmas: Sequence[float] | Tensor, sigma_min: float, sigma_
     return sigmas
 
 
+def noise_from(generator: Generators) -> NoiseSource:
+    """Fresh noise drawn from `generator` (one per sample when a list), shaped like the tensor it is given."""
+
+    def draw(like: Tensor) -> Tensor:
+        return randn(like.shape, generator, device=like.device, dtype=like.dtype)
+
+    return draw
+
+
+def noise_given(zs: Sequence[Tensor]) -> NoiseSource:
+    """The noise tensors `zs`, handed out in order (a CUDA graph's static buffers, or draws made beforehand)."""
+    queue = iter(zs)
+
+    def draw(like: Tensor) -> Tensor:
+        return next(queue)
+
+    return draw
+
+
+def consistency_steps(
+    f: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    class_labels: Tensor | None,
+    noise: NoiseSource,
+    clamp: bool = True,
+    sigma_min: float = SIGMA_MIN,
+    project: Projection | None = None,
+) -> Tensor:
+    """The body of Algorithm 1 (and of Algorithm 4, with `project`), shared by `sample`, the CUDA-graph sampler and
+    the editors.
+
+    x: the starting point at sigmas[0], already noised (sigma_max z for sampling). sigmas: the evaluation time points,
+    checked (see `evaluation_sigmas`). Each step evaluates x <- f(x, tau_n), clamps it to [-1, 1] when `clamp` and
+    applies `project`; before every step after the first, x gains fresh noise of std sqrt(tau_n^2 - sigma_min^2)
+    from `noise`.
+    """
+    for n, sigma in enumerate(sigmas):
+        if n > 0:
+            x = x + math.sqrt(sigma**2 - sigma_min**2) * noise(x)
+        x = f(x, sigma, class_labels)
+        x = x.clamp(-1, 1) if clamp else x
+        x = project(x) if project is not None else x
+    return x
+
+
 @torch.no_grad()
 def sample(
     f: Denoiser,
@@ -155,13 +203,7 @@ def sample(
     """
     eps = float(sigma_min if sigma_min is not None else getattr(f, "sigma_min", SIGMA_MIN))
     sigmas = evaluation_sigmas(sigmas, eps, getattr(f, "sigma_max", None))
-    x = f(sigmas[0] * noise, sigmas[0], class_labels)
-    x = x.clamp(-1, 1) if clamp else x
-    for sigma in sigmas[1:]:
-        z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        x = f(x + math.sqrt(sigma**2 - eps**2) * z, sigma, class_labels)
-        x = x.clamp(-1, 1) if clamp else x
-    return x
+    return consistency_steps(f, sigmas[0] * noise, sigmas, class_labels, noise_from(generator), clamp, eps)
 
 
 def euler_step(D: Denoiser, x: Tensor, sigma: float, sigma_next: float, class_labels: Tensor | None = None) -> Tensor:

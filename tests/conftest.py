@@ -1,4 +1,4 @@
-"""Shared test helpers. Everything runs on CPU."""
+"""Shared test fixtures. Everything runs on CPU."""
 
 import os
 
@@ -42,3 +42,15 @@ def perturb_(module: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module
 def recording_net():
     torch.manual_seed(0)
     return RecordingNet()
+
+
+@pytest.fixture(scope="session")
+def recording_net_class():
+    """The RecordingNet class, for tests that build several or pass arguments."""
+    return RecordingNet
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """perturb_(module, seed=0, scale=0.05): random non-zero parameters, in place."""
+    return perturb_

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cmfast.networks.adm import ADMUNet, adm_config_from_state_dict
-from cmfast.networks.configs import PRESETS, ADMConfig
+from cmfast.networks.configs import NETWORK_PRESETS, ADMConfig
 
 # Small but complete: 3 levels, classes, scale-shift, residual up/down, attention at two rates with 4 and 6 heads.
 SMALL = ADMConfig(
@@ -76,26 +76,26 @@ def _closed_form_param_count(c: ADMConfig) -> int:
 
 def test_imagenet64_parameter_count():
     # 295.9M: REFERENCE.md section 8 (the paper's ImageNet-64 ADM).
-    n = _num_params(_meta_net(PRESETS["adm-imagenet64"]))
+    n = _num_params(_meta_net(NETWORK_PRESETS["adm-imagenet64"]))
     assert abs(n - 295.9e6) / 295.9e6 < 1e-3
-    assert n == _closed_form_param_count(PRESETS["adm-imagenet64"])
+    assert n == _closed_form_param_count(NETWORK_PRESETS["adm-imagenet64"])
 
 
 def test_lsun256_parameter_count():
     # 526,304,771 is also what the official cm/unet.py UNetModel gives for this config (checked when writing this).
-    net = _meta_net(PRESETS["adm-lsun256"])
-    assert _num_params(net) == _closed_form_param_count(PRESETS["adm-lsun256"]) == 526_304_771
+    net = _meta_net(NETWORK_PRESETS["adm-lsun256"])
+    assert _num_params(net) == _closed_form_param_count(NETWORK_PRESETS["adm-lsun256"]) == 526_304_771
 
 
 @pytest.mark.parametrize("name", ["adm-tiny", "adm-tiny32"])
 def test_tiny_presets_are_small(name):
-    n = _num_params(_meta_net(PRESETS[name]))
+    n = _num_params(_meta_net(NETWORK_PRESETS[name]))
     assert 0.2e6 <= n <= 5e6
-    assert n == _closed_form_param_count(PRESETS[name])
+    assert n == _closed_form_param_count(NETWORK_PRESETS[name])
 
 
 def test_official_state_dict_names_and_shapes():
-    shapes = {k: tuple(v.shape) for k, v in _meta_net(PRESETS["adm-imagenet64"]).state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in _meta_net(NETWORK_PRESETS["adm-imagenet64"]).state_dict().items()}
     assert shapes["time_embed.0.weight"] == (768, 192)
     assert shapes["time_embed.2.weight"] == (768, 768)
     assert shapes["label_emb.weight"] == (1000, 768)
@@ -116,7 +116,7 @@ def test_official_state_dict_names_and_shapes():
     assert "output_blocks.12.1.qkv.weight" not in shapes  # no attention at 64x64
     assert "output_blocks.11.1.qkv.weight" in shapes  # last block at 32x32, before its up-sampler
 
-    lsun = _meta_net(PRESETS["adm-lsun256"]).state_dict()
+    lsun = _meta_net(NETWORK_PRESETS["adm-lsun256"]).state_dict()
     assert lsun["output_blocks.2.2.in_layers.0.weight"].shape == (1024,)  # up-sampling resblock, 8x8 -> 16x16
     assert lsun["input_blocks.1.0.emb_layers.1.weight"].shape == (256, 1024)  # no scale-shift
     assert "label_emb.weight" not in lsun
@@ -293,21 +293,21 @@ def test_qkv_layout_changes_the_output():
 
 def test_initial_output_is_zero():
     # The official output conv and residual-branch convs start at zero.
-    net = ADMUNet(PRESETS["adm-tiny"])
+    net = ADMUNet(NETWORK_PRESETS["adm-tiny"])
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(net(x, torch.tensor([10.0, -300.0]), torch.tensor([1, 9])), torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("name", ["adm-imagenet64", "adm-lsun256"])
 def test_config_from_state_dict_infers_image_size(name):
-    assert adm_config_from_state_dict(_meta_net(PRESETS[name]).state_dict()) == PRESETS[name]
+    assert adm_config_from_state_dict(_meta_net(NETWORK_PRESETS[name]).state_dict()) == NETWORK_PRESETS[name]
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        PRESETS["adm-tiny"],
-        PRESETS["adm-tiny32"],
+        NETWORK_PRESETS["adm-tiny"],
+        NETWORK_PRESETS["adm-tiny32"],
         dataclasses.replace(SMALL, resblock_updown=False, conv_resample=False),
     ],
     ids=["adm-tiny", "adm-tiny32", "avgpool"],
@@ -324,24 +324,26 @@ def test_config_from_non_adm_state_dict():
     with pytest.raises(ValueError, match="not an ADM"):
         adm_config_from_state_dict({"map_noise.freqs": torch.zeros(64), "enc.32x32_conv.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="not an ADM"):
-        adm_config_from_state_dict({"model": _meta_net(PRESETS["adm-tiny"]).state_dict()})  # a wrapped checkpoint
+        adm_config_from_state_dict(
+            {"model": _meta_net(NETWORK_PRESETS["adm-tiny"]).state_dict()}
+        )  # a wrapped checkpoint
 
 
 def test_class_label_errors():
-    net = ADMUNet(PRESETS["adm-tiny"])
+    net = ADMUNet(NETWORK_PRESETS["adm-tiny"])
     x, t = torch.randn(2, 3, 16, 16), torch.zeros(2)
     with pytest.raises(ValueError, match="num_classes=10"):
         net(x, t)
     with pytest.raises(ValueError, match="shape"):
         net(x, t, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="num_classes=0"):
-        ADMUNet(PRESETS["adm-tiny32"])(torch.randn(2, 3, 32, 32), t, torch.tensor([1, 2]))
+        ADMUNet(NETWORK_PRESETS["adm-tiny32"])(torch.randn(2, 3, 32, 32), t, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="qkv_layout"):
         ADMUNet(dataclasses.replace(SMALL, qkv_layout="hd3"))
 
 
 def test_runs_under_bf16_autocast():
-    config = PRESETS["adm-tiny"]
+    config = NETWORK_PRESETS["adm-tiny"]
     net = ADMUNet(config)
     net.load_state_dict({k: v.float() for k, v in _random_state_dict(config, seed=2).items()})
     x = torch.randn(2, 3, 16, 16)

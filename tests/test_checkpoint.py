@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from conftest import perturb_
 from safetensors.torch import load_file, save_file
 
 import cmfast
@@ -14,17 +13,23 @@ from cmfast.networks import ADMUNet, build_network
 from cmfast.preconditioning import ConsistencyModel, EDMDenoiser
 
 
-def model_for(preset, cls=ConsistencyModel, seed=0):
-    torch.manual_seed(seed)
-    return cls(perturb_(build_network(preset), seed=seed)).eval()
+@pytest.fixture
+def model_for(perturb):
+    """model_for(preset, cls=ConsistencyModel, seed=0): a model with non-trivial random weights."""
+
+    def make(preset, cls=ConsistencyModel, seed=0):
+        torch.manual_seed(seed)
+        return cls(perturb(build_network(preset), seed=seed)).eval()
+
+    return make
 
 
 def inputs(model, batch=2, seed=1):
     cfg = model.net.config
-    size = getattr(cfg, "img_resolution", None) or cfg.image_size
+    size = cfg.resolution
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
-    n = getattr(cfg, "num_classes", 0) or getattr(cfg, "label_dim", 0)
+    n = cfg.num_classes
     y = torch.randint(n, (batch,), generator=g) if n else None
     return x, y
 
@@ -32,11 +37,11 @@ def inputs(model, batch=2, seed=1):
 @pytest.mark.parametrize(
     "preset, cls", [("ddpmpp-tiny", ConsistencyModel), ("ncsnpp-tiny", ConsistencyModel), ("adm-tiny", EDMDenoiser)]
 )
-def test_own_format_round_trip(tmp_path, preset, cls):
+def test_own_format_round_trip(tmp_path, preset, cls, model_for):
     model = model_for(preset, cls)
     model.sigma_max = 40.0  # a non-default value must survive too
     path = tmp_path / "m.safetensors"
-    model.save(path)
+    cmfast.save(model, path)
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary file left behind
     loaded = cmfast.load(path)
     assert type(loaded) is cls and loaded.net.config == model.net.config and loaded.sigma_max == 40.0
@@ -45,11 +50,11 @@ def test_own_format_round_trip(tmp_path, preset, cls):
         torch.testing.assert_close(loaded(x, 0.8, y), model(x, 0.8, y), rtol=0, atol=0)
 
 
-def test_save_replaces_atomically(tmp_path):
+def test_save_replaces_atomically(tmp_path, model_for):
     path = tmp_path / "m.safetensors"
-    model_for("ddpmpp-tiny", seed=0).save(path)
+    cmfast.save(model_for("ddpmpp-tiny", seed=0), path)
     second = model_for("ddpmpp-tiny", seed=1)
-    second.save(path)
+    cmfast.save(second, path)
     loaded = cmfast.load(path)
     for a, b in zip(loaded.net.parameters(), second.net.parameters()):
         assert torch.equal(a, b)
@@ -60,9 +65,9 @@ def test_missing_file(tmp_path):
         cmfast.load(tmp_path / "nope.safetensors")
 
 
-def test_truncated_file(tmp_path):
+def test_truncated_file(tmp_path, model_for):
     path = tmp_path / "m.safetensors"
-    model_for("ddpmpp-tiny").save(path)
+    cmfast.save(model_for("ddpmpp-tiny"), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="m.safetensors") as err:
@@ -88,9 +93,9 @@ def test_safetensors_without_cmfast_metadata(tmp_path):
 @pytest.mark.parametrize(
     "network, match", [({"model_channels": 64}, "do not fit the network"), ({"model_channels": 48}, "cannot build")]
 )
-def test_weights_that_do_not_fit_the_config(tmp_path, network, match):
+def test_weights_that_do_not_fit_the_config(tmp_path, network, match, model_for):
     path = tmp_path / "m.safetensors"
-    model_for("adm-tiny").save(path)
+    cmfast.save(model_for("adm-tiny"), path)
     meta = cmfast.checkpoint.read_metadata(path)
     meta["network"].update(network)
     save_file(load_file(str(path)), str(path), metadata={"cmfast": json.dumps(meta)})
@@ -102,20 +107,26 @@ class Payload:
     """An arbitrary object that a weights-only load must refuse to unpickle."""
 
 
-def official_state_dict(preset="adm-tiny", seed=0):
-    torch.manual_seed(seed)
-    return perturb_(build_network(preset), seed=seed).state_dict()
+@pytest.fixture
+def official_state_dict(perturb):
+    """official_state_dict(preset="adm-tiny", seed=0): a state dict as the official releases hold them."""
+
+    def make(preset="adm-tiny", seed=0):
+        torch.manual_seed(seed)
+        return perturb(build_network(preset), seed=seed).state_dict()
+
+    return make
 
 
 @pytest.mark.parametrize("name, cls", [("cd_tiny_lpips.pt", ConsistencyModel), ("edm_tiny_ema.pt", EDMDenoiser)])
-def test_official_checkpoint_loads_and_matches(tmp_path, name, cls):
+def test_official_checkpoint_loads_and_matches(tmp_path, name, cls, official_state_dict):
     state = official_state_dict()
     path = tmp_path / name
     torch.save(state, path)
     model = cmfast.load_official_checkpoint(path)
     assert type(model) is cls and model.noise_cond == "adm"
-    assert model.net.config == cmfast.PRESETS["adm-tiny"]
-    ref_net = ADMUNet(cmfast.PRESETS["adm-tiny"])
+    assert model.net.config == cmfast.NETWORK_PRESETS["adm-tiny"]
+    ref_net = ADMUNet(cmfast.NETWORK_PRESETS["adm-tiny"])
     ref_net.load_state_dict(state, strict=True)
     ref = cls(ref_net, noise_cond="adm")
     x, y = inputs(model)
@@ -124,7 +135,7 @@ def test_official_checkpoint_loads_and_matches(tmp_path, name, cls):
     assert type(load_model(str(path))) is cls  # the CLI's loader sniffs the format
 
 
-def test_official_checkpoint_with_explicit_arch(tmp_path):
+def test_official_checkpoint_with_explicit_arch(tmp_path, official_state_dict):
     path = tmp_path / "ct.pt"
     torch.save(official_state_dict(), path)
     with pytest.raises(CheckpointError, match="do not fit"):
@@ -133,7 +144,7 @@ def test_official_checkpoint_with_explicit_arch(tmp_path):
         cmfast.load_official_checkpoint(path, arch="ddpmpp-tiny")
 
 
-def test_official_checkpoint_bad_files(tmp_path):
+def test_official_checkpoint_bad_files(tmp_path, official_state_dict):
     good = tmp_path / "cd.pt"
     torch.save(official_state_dict(), good)
     truncated = tmp_path / "truncated.pt"
@@ -155,7 +166,7 @@ def test_official_checkpoint_bad_files(tmp_path):
         cmfast.load_official_checkpoint(foreign)
 
 
-def test_near_miss_of_a_known_network_names_the_difference(tmp_path):
+def test_near_miss_of_a_known_network_names_the_difference(tmp_path, official_state_dict):
     state = official_state_dict()
     del state["out.2.bias"]
     state["out.0.weight"] = torch.ones(7)
@@ -174,9 +185,9 @@ def test_load_model_names_unknown_specs(tmp_path):
         cmfast.load(tmp_path)
 
 
-def test_written_files_get_the_usual_permissions(tmp_path):
+def test_written_files_get_the_usual_permissions(tmp_path, model_for):
     path = tmp_path / "m.safetensors"
-    model_for("ddpmpp-tiny").save(path)
+    cmfast.save(model_for("ddpmpp-tiny"), path)
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask

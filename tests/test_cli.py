@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_
 from PIL import Image
 
 import cmfast
@@ -15,11 +14,11 @@ from cmfast.networks import build_network
 
 
 @pytest.fixture
-def trained_like(tmp_path):
+def trained_like(tmp_path, perturb):
     """A small class-conditional checkpoint with non-trivial weights, saved in the own format."""
     torch.manual_seed(0)
     path = tmp_path / "adm.safetensors"
-    cmfast.ConsistencyModel(perturb_(build_network("adm-tiny"), scale=0.1)).save(path)
+    cmfast.save(cmfast.ConsistencyModel(perturb(build_network("adm-tiny"), scale=0.1)), path)
     return path
 
 
@@ -143,10 +142,10 @@ def test_sample_with_ts_and_class_label(tmp_path, trained_like):
     assert data["sigmas"].tolist() == pytest.approx(cmfast.sigmas_from_ts([0, 22, 39], 40).tolist())
 
 
-def test_teacher_checkpoint_uses_heun(tmp_path, capsys):
+def test_teacher_checkpoint_uses_heun(tmp_path, capsys, perturb):
     path = tmp_path / "edm.safetensors"
     torch.manual_seed(0)
-    cmfast.EDMDenoiser(perturb_(build_network("ddpmpp-tiny"))).save(path)
+    cmfast.save(cmfast.EDMDenoiser(perturb(build_network("ddpmpp-tiny"))), path)
     assert (
         main(
             [

@@ -12,6 +12,7 @@ from PIL import Image
 
 import cmfast
 from cmfast import editing
+from cmfast.cli.edit import register as add_commands
 from cmfast.editing import (
     color_basis,
     color_transform,
@@ -28,7 +29,6 @@ from cmfast.editing import (
     stroke_edit,
     super_resolve,
 )
-from cmfast.editing_cli import add_commands
 
 SHORT = cmfast.karras_sigmas(6).tolist()  # 5 evaluations: enough to exercise the loop, fast on CPU
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from conftest import RecordingNet
 
 from cmfast.preconditioning import (
     ConsistencyModel,
@@ -39,8 +38,8 @@ def test_boundary_coefficients_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_boundary_condition_exact(dtype):
-    net = RecordingNet().to(dtype)
+def test_boundary_condition_exact(dtype, recording_net_class):
+    net = recording_net_class().to(dtype)
     f = ConsistencyModel(net)
     x = torch.randn(3, 3, 5, 7, dtype=dtype)
     out = f(x, EPS)
@@ -51,9 +50,9 @@ def test_boundary_condition_exact(dtype):
 
 
 @pytest.mark.parametrize("cls, skip, outc", [(ConsistencyModel, cm_c_skip, cm_c_out), (EDMDenoiser, None, None)])
-def test_forward_is_the_preconditioned_formula(cls, skip, outc):
+def test_forward_is_the_preconditioned_formula(cls, skip, outc, recording_net_class):
     torch.manual_seed(1)
-    net = RecordingNet().double()
+    net = recording_net_class().double()
     model = cls(net)
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.05, 1.7, 60.0], dtype=torch.float64)
@@ -64,7 +63,7 @@ def test_forward_is_the_preconditioned_formula(cls, skip, outc):
     else:
         cs, co = SD**2 / (s**2 + SD**2), s * SD / (s**2 + SD**2).sqrt()
     x_in = x / (s**2 + SD**2).sqrt()
-    expected = cs * x + co * RecordingNet.forward(net, x_in, sigma.log() / 4)
+    expected = cs * x + co * recording_net_class.forward(net, x_in, sigma.log() / 4)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     seen_x, seen_noise = net.calls[0]
     torch.testing.assert_close(seen_x, x_in)
@@ -85,8 +84,8 @@ def test_adm_noise_conditioning_is_passed(recording_net):
     assert float(recording_net.calls[-1][1][0]) == pytest.approx(250 * math.log(3.0), rel=1e-6)
 
 
-def test_class_labels_reach_the_network():
-    net = RecordingNet(num_classes=5)
+def test_class_labels_reach_the_network(recording_net_class):
+    net = recording_net_class(num_classes=5)
     f = ConsistencyModel(net)
     x = torch.randn(2, 3, 4, 4)
     a = f(x, 1.0, torch.tensor([0, 1]))
@@ -121,17 +120,15 @@ def test_bad_arguments_are_named(recording_net, kwargs, match):
 
 
 @pytest.mark.parametrize("preset", ["ddpmpp-tiny", "ncsnpp-tiny", "adm-tiny"])
-def test_low_precision_backbone_with_fp32_preconditioning(preset):
-    from conftest import perturb_
-
+def test_low_precision_backbone_with_fp32_preconditioning(preset, perturb):
     from cmfast.networks import build_network
 
     torch.manual_seed(0)
-    f = ConsistencyModel(perturb_(build_network(preset), scale=0.1)).eval()
+    f = ConsistencyModel(perturb(build_network(preset), scale=0.1)).eval()
     cfg = f.net.config
-    size = getattr(cfg, "img_resolution", None) or cfg.image_size
+    size = cfg.resolution
     x = torch.randn(2, cfg.in_channels, size, size)
-    y = torch.tensor([1, 4]) if getattr(cfg, "num_classes", 0) else None
+    y = torch.tensor([1, 4]) if cfg.num_classes else None
     with torch.no_grad():
         ref = f(x, 2.0, y)
         f.to(torch.bfloat16)  # weights in bf16, no autocast: noise labels must still reach the net in float32

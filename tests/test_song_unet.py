@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmfast.networks.configs import PRESETS, SongUNetConfig
+from cmfast.networks.configs import NETWORK_PRESETS, SongUNetConfig
 from cmfast.networks.song_unet import (
     Conv2d,
     FourierEmbedding,
@@ -61,7 +61,7 @@ def _inputs(config: SongUNetConfig, batch: int, seed: int = 1):
 
 @pytest.mark.parametrize(("preset", "paper_count"), [("ddpmpp-cifar10", 55.7e6), ("ncsnpp-cifar10", 56.4e6)])
 def test_cifar10_parameter_counts_match_edm_paper(preset, paper_count):
-    assert abs(_num_params(_meta_net(PRESETS[preset])) / paper_count - 1) < 0.005
+    assert abs(_num_params(_meta_net(NETWORK_PRESETS[preset])) / paper_count - 1) < 0.005
 
 
 # Counted by instantiating NVlabs/edm training/networks.py SongUNet with train.py's CIFAR-10 settings (augment_dim=9).
@@ -70,7 +70,7 @@ EDM_EXACT_COUNTS = {"ddpmpp-cifar10": 55_733_891, "ncsnpp-cifar10": 56_397_827}
 
 @pytest.mark.parametrize("preset", sorted(EDM_EXACT_COUNTS))
 def test_cifar10_parameter_counts_match_edm_code_exactly(preset):
-    assert _num_params(_meta_net(PRESETS[preset])) == EDM_EXACT_COUNTS[preset]
+    assert _num_params(_meta_net(NETWORK_PRESETS[preset])) == EDM_EXACT_COUNTS[preset]
 
 
 def _closed_form_count(c: SongUNetConfig) -> int:
@@ -121,8 +121,8 @@ def _closed_form_count(c: SongUNetConfig) -> int:
 
 @pytest.mark.parametrize(
     "config",
-    [PRESETS[name] for name in [*SMALL_PRESETS, "ddpmpp-cifar10", "ncsnpp-cifar10"]]
-    + [dataclasses.replace(PRESETS["ncsnpp-tiny"], label_dim=7, augment_dim=5, channel_mult=(1, 2, 3))],
+    [NETWORK_PRESETS[name] for name in [*SMALL_PRESETS, "ddpmpp-cifar10", "ncsnpp-cifar10"]]
+    + [dataclasses.replace(NETWORK_PRESETS["ncsnpp-tiny"], label_dim=7, augment_dim=5, channel_mult=(1, 2, 3))],
 )
 def test_parameter_count_matches_closed_form(config):
     assert _num_params(_meta_net(config)) == _closed_form_count(config)
@@ -130,7 +130,7 @@ def test_parameter_count_matches_closed_form(config):
 
 @pytest.mark.parametrize("preset", SMALL_PRESETS)
 def test_small_presets_are_small(preset):
-    assert 0.2e6 <= _num_params(_meta_net(PRESETS[preset])) <= 5e6
+    assert 0.2e6 <= _num_params(_meta_net(NETWORK_PRESETS[preset])) <= 5e6
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,10 +225,10 @@ def test_attention_matches_float64_sdpa():
 @pytest.mark.parametrize(
     "config",
     [
-        PRESETS["ddpmpp-tiny"],
-        PRESETS["ncsnpp-tiny"],
-        dataclasses.replace(PRESETS["ddpmpp-digits"], label_dim=10),
-        dataclasses.replace(PRESETS["ncsnpp-tiny"], in_channels=3, out_channels=3, label_dim=4, augment_dim=9),
+        NETWORK_PRESETS["ddpmpp-tiny"],
+        NETWORK_PRESETS["ncsnpp-tiny"],
+        dataclasses.replace(NETWORK_PRESETS["ddpmpp-digits"], label_dim=10),
+        dataclasses.replace(NETWORK_PRESETS["ncsnpp-tiny"], in_channels=3, out_channels=3, label_dim=4, augment_dim=9),
     ],
     ids=["ddpmpp-3ch", "ncsnpp-1ch", "ddpmpp-1ch-cond", "ncsnpp-3ch-cond-aug"],
 )
@@ -244,7 +244,7 @@ def test_output_shape(config, batch):
 
 @pytest.mark.parametrize("preset", ["ddpmpp-tiny", "ncsnpp-tiny"])
 def test_noise_labels_reach_output(preset):
-    net = _random_net(PRESETS[preset])
+    net = _random_net(NETWORK_PRESETS[preset])
     x, noise_labels, _ = _inputs(net.config, 3)
     with torch.no_grad():
         y0, y1 = net(x, noise_labels), net(x, noise_labels + 0.5)
@@ -252,7 +252,7 @@ def test_noise_labels_reach_output(preset):
 
 
 def test_class_and_augment_labels_reach_output():
-    config = dataclasses.replace(PRESETS["ddpmpp-tiny"], label_dim=10, augment_dim=9)
+    config = dataclasses.replace(NETWORK_PRESETS["ddpmpp-tiny"], label_dim=10, augment_dim=9)
     net = _random_net(config)
     x, noise_labels, class_labels = _inputs(config, 3)
     aug = torch.randn(3, 9)
@@ -265,13 +265,13 @@ def test_class_and_augment_labels_reach_output():
 
 
 def test_label_errors_are_clear():
-    conditional = SongUNet(dataclasses.replace(PRESETS["ncsnpp-tiny"], label_dim=10))
+    conditional = SongUNet(dataclasses.replace(NETWORK_PRESETS["ncsnpp-tiny"], label_dim=10))
     x, noise_labels, _ = _inputs(conditional.config, 2)
     with pytest.raises(ValueError, match="class-conditional"):
         conditional(x, noise_labels)
     with pytest.raises(ValueError, match="class indices"):
         conditional(x, noise_labels, F.one_hot(torch.tensor([1, 2]), 10))
-    unconditional = SongUNet(PRESETS["ncsnpp-tiny"])
+    unconditional = SongUNet(NETWORK_PRESETS["ncsnpp-tiny"])
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(x, noise_labels, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="augment_dim=0"):
@@ -282,7 +282,7 @@ def test_label_errors_are_clear():
 
 @pytest.mark.parametrize("preset", ["ddpmpp-tiny", "ncsnpp-tiny"])
 def test_bf16_autocast_is_close_to_fp32(preset):
-    net = _random_net(PRESETS[preset])
+    net = _random_net(NETWORK_PRESETS[preset])
     x, noise_labels, _ = _inputs(net.config, 3)
     with torch.no_grad():
         y32 = net(x, noise_labels)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..data import load_dataset
 from .classifier import SHIPPED_CLASSIFIER, load_classifier, prepare
 from .frechet import frechet_distance, gaussian_statistics, is_statistics_file, load_statistics, save_statistics
 
@@ -180,8 +181,6 @@ def load_reference(path: str | os.PathLike, space: str) -> Reference:
 def reference_for(space, spec: str | None, split: str, size: int, channels: int, progress: bool = False) -> Reference:
     """`spec`: a statistics .npz, a dataset (as --data takes: digits8, a folder, an image .npz) or None for the built-in
     digits at the generated images' size and channels. `split` divides only the digits."""
-    from ..data import load_dataset
-
     if spec is not None and is_statistics_file(spec):
         return load_reference(spec, space.name)
     if spec is None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from .adm import ADMUNet, adm_config_from_state_dict
 from .configs import (
-    PRESETS,
+    NETWORK_PRESETS,
     ADMConfig,
     NetworkConfig,
     SongUNetConfig,
@@ -18,12 +18,12 @@ from .song_unet import SongUNet
 NETWORK_CLASSES: dict[type, type[nn.Module]] = {SongUNetConfig: SongUNet, ADMConfig: ADMUNet}
 
 
-def resolve_config(name_or_config: str | NetworkConfig) -> NetworkConfig:
-    """A preset name or a config -> the config; unknown names list the presets."""
+def network_config(name_or_config: str | NetworkConfig) -> NetworkConfig:
+    """A network preset name (see `NETWORK_PRESETS`) or a config -> the config; unknown names list the presets."""
     if isinstance(name_or_config, str):
-        if name_or_config not in PRESETS:
-            raise ValueError(f"unknown network preset {name_or_config!r}; presets: {', '.join(PRESETS)}")
-        return PRESETS[name_or_config]
+        if name_or_config not in NETWORK_PRESETS:
+            raise ValueError(f"unknown network preset {name_or_config!r}; presets: {', '.join(NETWORK_PRESETS)}")
+        return NETWORK_PRESETS[name_or_config]
     if type(name_or_config) not in NETWORK_CLASSES:
         raise TypeError(f"expected a preset name or a network config, got {type(name_or_config).__name__}")
     return name_or_config
@@ -31,8 +31,8 @@ def resolve_config(name_or_config: str | NetworkConfig) -> NetworkConfig:
 
 def set_fused_ops(net: nn.Module, enabled: bool = True) -> nn.Module:
     """Route the network's GroupNorm+SiLU (ADM: with scale-shift) and, for ADM, attention through `cmfast.ops`,
-    whose dispatch picks the CUDA extension, Triton or PyTorch per call. Off by default: the Triton kernels have
-    been verified only in the CPU interpreter so far. Weights and outputs (up to rounding) are unchanged."""
+    whose dispatch picks the C++/CUDA extension, Triton or PyTorch per call. Off by default (bench/README.md says
+    where the fused path wins). Weights are unchanged, and outputs up to rounding."""
     for module in net.modules():
         if hasattr(module, "fused"):
             module.fused = enabled
@@ -40,13 +40,13 @@ def set_fused_ops(net: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 def build_network(name_or_config: str | NetworkConfig) -> nn.Module:
-    """Build the backbone for a preset name (see `PRESETS`) or a config dataclass, at its initial weights."""
-    config = resolve_config(name_or_config)
+    """Build the backbone for a preset name (see `NETWORK_PRESETS`) or a config dataclass, at its initial weights."""
+    config = network_config(name_or_config)
     return NETWORK_CLASSES[type(config)](config)
 
 
 __all__ = [
-    "PRESETS",
+    "NETWORK_PRESETS",
     "ADMConfig",
     "ADMUNet",
     "NetworkConfig",
@@ -56,6 +56,6 @@ __all__ = [
     "build_network",
     "config_from_dict",
     "config_to_dict",
-    "resolve_config",
+    "network_config",
     "set_fused_ops",
 ]

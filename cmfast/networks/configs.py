@@ -1,7 +1,8 @@
 """Network configurations (dataclasses) and the one table of presets.
 
-Every backbone is built from a frozen dataclass. A config round-trips through JSON (`config_to_dict` /
-`config_from_dict`), which is how checkpoints in the project's own format record their architecture.
+Every backbone is built from a frozen dataclass; both kinds answer `resolution` and `num_classes`. A config
+round-trips through JSON (`config_to_dict` / `config_from_dict`), which is how checkpoints in the project's own format
+record their architecture.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class SongUNetConfig:
     decoder_type: str = "standard"
     resample_filter: tuple[int, ...] = (1, 1)  # (1, 1) for DDPM++, (1, 3, 3, 1) FIR for NCSN++
 
+    @property
+    def resolution(self) -> int:
+        """Image height = width, the name both network configs share."""
+        return self.img_resolution
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 = unconditional), the name both network configs share."""
+        return self.label_dim
+
 
 @dataclass(frozen=True)
 class ADMConfig:
@@ -59,12 +70,17 @@ class ADMConfig:
     conv_resample: bool = True
     qkv_layout: str = "3hd"  # "3hd": qkv channels as (3, heads, head_dim), the released checkpoints; "h3d": legacy
 
+    @property
+    def resolution(self) -> int:
+        """Image height = width, the name both network configs share."""
+        return self.image_size
+
 
 NetworkConfig = SongUNetConfig | ADMConfig
 CONFIG_CLASSES: dict[str, type] = {cls.arch: cls for cls in (SongUNetConfig, ADMConfig)}
 
 # One table of every preset. Paper configs first (REFERENCE.md section 8), then small ones for CPU tests and demos.
-PRESETS: dict[str, NetworkConfig] = {
+NETWORK_PRESETS: dict[str, NetworkConfig] = {
     "ddpmpp-cifar10": SongUNetConfig(augment_dim=9, dropout=0.13),
     "ncsnpp-cifar10": SongUNetConfig(
         augment_dim=9,
@@ -140,7 +156,9 @@ PRESETS: dict[str, NetworkConfig] = {
     ),
 }
 # The coloured-digits network: ddpmpp-digits8 with 3 channels in and out.
-PRESETS["ddpmpp-digits8-rgb"] = dataclasses.replace(PRESETS["ddpmpp-digits8"], in_channels=3, out_channels=3)
+NETWORK_PRESETS["ddpmpp-digits8-rgb"] = dataclasses.replace(
+    NETWORK_PRESETS["ddpmpp-digits8"], in_channels=3, out_channels=3
+)
 
 
 def config_to_dict(config: NetworkConfig) -> dict:

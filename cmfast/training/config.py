@@ -15,7 +15,9 @@ KINDS = ("edm", "cd", "ct")
 @dataclass
 class TrainConfig:
     kind: str = "cd"  # "edm" (teacher), "cd" (consistency distillation) or "ct" (consistency training)
-    network: str = "ddpmpp-digits8"  # network preset (cmfast.PRESETS); CD students use the teacher's architecture
+    network: str = (
+        "ddpmpp-digits8"  # network preset (cmfast.NETWORK_PRESETS); CD students use the teacher's architecture
+    )
     dataset: str | None = "digits8"  # "digits8/16/32", an image folder or an .npz file
     teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors)
 
@@ -111,7 +113,7 @@ _LSUN = dict(
 )
 _DIGITS = dict(network="ddpmpp-digits8", dataset="digits8", batch_size=64, ema_rates=(0.999,), checkpoint_every=1000)
 _RGB = dict(network="ddpmpp-digits8-rgb", dataset="digits-rgb8")
-PRESETS: dict[str, dict] = {
+TRAIN_PRESETS: dict[str, dict] = {
     "cifar10-cd-lpips": _paper("cd", "ncsnpp-cifar10", None, distance="lpips", num_scales=18, target_ema=0.0, **_CIFAR),
     "cifar10-ct": _paper("ct", "ncsnpp-cifar10", None, distance="lpips", s0=2, s1=150, mu0=0.9, **_CIFAR),
     "imagenet64-cd-l2": _paper(
@@ -147,7 +149,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str, **overrides) -> TrainConfig:
     """The preset `name` with `overrides` applied (None values are ignored), validated."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; presets: {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    values = {**TRAIN_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(**values)

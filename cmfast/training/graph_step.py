@@ -1,4 +1,4 @@
-"""The consistency-distillation step captured as one CUDA graph (issue 7): `cmfast distill --graph`.
+"""The consistency-distillation step captured as one CUDA graph: `cmfast distill --graph`.
 
 One replay runs the whole step of Algorithm 2 from static buffers: x_(t_(n+1)) = x + t_(n+1) z, the teacher's Heun
 step (two evaluations), the target's evaluation, the online forward and backward, RAdam's update (capturable=True, so

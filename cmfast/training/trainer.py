@@ -28,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import load as load_model_file
+from ..checkpoint import save as save_model
 from ..data import load_dataset
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
-from ..networks import build_network, config_to_dict, resolve_config, set_fused_ops
+from ..networks import build_network, config_to_dict, network_config, set_fused_ops
 from ..preconditioning import ConsistencyModel, EDMDenoiser
 from ..sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
 from . import state as ckpt
@@ -103,10 +104,10 @@ class Trainer:
                 raise ValueError(f"{cfg.teacher}: the teacher must be an EDM denoiser checkpoint (train-edm output)")
             net_config = self.teacher.net.config
         else:
-            net_config = resolve_config(cfg.network)
+            net_config = network_config(cfg.network)
         if cfg.dropout is not None:
             net_config = dataclasses.replace(net_config, dropout=cfg.dropout)
-        size = getattr(net_config, "img_resolution", None) or net_config.image_size
+        size = net_config.resolution
         if (self.data.channels, self.data.resolution) != (net_config.in_channels, size):
             raise ValueError(
                 f"dataset {self.data.name} has {self.data.channels}x{self.data.resolution}x{self.data.resolution} "
@@ -131,7 +132,7 @@ class Trainer:
             if self.dist.world > 1
             else self.online
         )
-        cond = getattr(net_config, "num_classes", 0) or getattr(net_config, "label_dim", 0)
+        cond = net_config.num_classes
         self.use_labels = bool(cond) and self.data.labels is not None
         if cond and self.data.labels is None:
             raise ValueError(f"the network is class-conditional but dataset {self.data.name} has no labels")
@@ -349,8 +350,8 @@ class Trainer:
 
     def export(self) -> None:
         if self.dist.is_main:
-            self.eval_model().save(self.run_dir / "model.safetensors")
-            self.online.save(self.run_dir / "online.safetensors")
+            save_model(self.eval_model(), self.run_dir / "model.safetensors")
+            save_model(self.online, self.run_dir / "online.safetensors")
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 

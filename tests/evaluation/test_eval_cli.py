@@ -6,7 +6,6 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_
 
 import cmfast
 from cmfast.cli import main
@@ -16,13 +15,13 @@ pytest.importorskip("torch_fidelity")
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(tmp_path_factory, perturb):
     """A consistency model and an EDM teacher on 8x8 grayscale images, with non-trivial random weights."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     cm, edm = folder / "cm.safetensors", folder / "edm.safetensors"
-    cmfast.ConsistencyModel(perturb_(build_network("ddpmpp-digits8"), scale=0.02)).save(cm)
-    cmfast.EDMDenoiser(perturb_(build_network("ddpmpp-digits8"), seed=1, scale=0.02)).save(edm)
+    cmfast.save(cmfast.ConsistencyModel(perturb(build_network("ddpmpp-digits8"), scale=0.02)), cm)
+    cmfast.save(cmfast.EDMDenoiser(perturb(build_network("ddpmpp-digits8"), seed=1, scale=0.02)), edm)
     return cm, edm
 
 

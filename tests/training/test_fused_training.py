@@ -1,14 +1,14 @@
 """A short consistency-distillation run through the fused ops (Trainer(fused=True): GroupNorm+SiLU through cmfast.ops)
-follows the plain run's loss curve and ends at the same weights, within float32 rounding (issue 6, item 5).
+follows the plain run's loss curve and ends at the same weights, within float32 rounding.
 
 The fused backend is whichever the dispatch picks on this machine (the C++ extension's CPU kernels when built, else
 Triton's interpreter), and, behind the triton marker, Triton forced with CMFAST_BACKEND."""
 
 import pytest
 import torch
-from cmfast.kernels import group_norm_silu as gn_kernels
 
 from cmfast import ops
+from cmfast.kernels import group_norm_silu as gn_kernels
 from cmfast.training.config import preset_config
 from cmfast.training.trainer import Trainer
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import RecordingNet, perturb_
 from torch import nn
 
 from cmfast import ConsistencyModel, EDMDenoiser
@@ -183,11 +182,11 @@ def test_cd_indices_cover_the_grid_uniformly():
     assert loss_fn.target_ema(0) == 0 and loss_fn.num_scales(123) == n_scales
 
 
-def test_cd_with_consistency_models_and_per_sample_generators():
+def test_cd_with_consistency_models_and_per_sample_generators(perturb, recording_net_class):
     torch.manual_seed(0)
-    online = ConsistencyModel(perturb_(RecordingNet(), seed=1)).train()
+    online = ConsistencyModel(perturb(recording_net_class(), seed=1)).train()
     target = copy.deepcopy(online).requires_grad_(False)
-    teacher = EDMDenoiser(perturb_(RecordingNet(), seed=2)).eval()
+    teacher = EDMDenoiser(perturb(recording_net_class(), seed=2)).eval()
     loss_fn = CDLoss(teacher, target, num_scales=18, distance="l2", mu=0.95)
     x = data(4, (3, 3, 8, 8))
     loss = loss_fn(online, x, generator=generators_from_seeds([10, 11, 12]))

@@ -1,6 +1,6 @@
 """`cmfast eval`, `cmfast tune-steps`, `cmfast ref-stats` and `cmfast train-classifier`.
 
-Errors in the user's input are ValueErrors with one-line messages; cmfast.cli prints them and exits with code 2.
+Errors in the user's input are ValueErrors with one-line messages; `cmfast.cli.main` prints them and exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,10 +14,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .classifier import SHIPPED_CLASSIFIER, round_weights, save_classifier, train_classifier
-from .frechet import frechet_distance, gaussian_statistics
-from .metrics import FEATURE_SPACES, compute_metrics, feature_space, reference_for, save_reference
-from .search import greedy_time_points
+from ..data import load_dataset, load_digits
+from ..evaluation.classifier import (
+    RESOLUTION,
+    SHIPPED_CLASSIFIER,
+    accuracy,
+    round_weights,
+    save_classifier,
+    train_classifier,
+)
+from ..evaluation.frechet import frechet_distance, gaussian_statistics
+from ..evaluation.metrics import FEATURE_SPACES, compute_metrics, feature_space, reference_for, save_reference
+from ..evaluation.search import greedy_time_points
+from ..generate import SamplingPlan, generate, image_shape, sampling_plan
+from ..io import atomic_write_bytes
+from .common import DTYPES, add_time_point_args, check_device, default_device, load_for_sampling, positive
 
 DIGITS_SPLITS = ("train", "test", "all")
 
@@ -48,9 +59,7 @@ def _add_reference_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, with_when: bool) -> None:
-    from ..cli import DTYPES, _default_device, add_time_point_args
-
-    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=default_device(), help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="backbone precision via autocast")
     add_time_point_args(p, with_when)
     p.add_argument("--num", type=int, default=1000, help="number of generated images")
@@ -59,8 +68,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, with_when: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def add_commands(sub) -> None:
-    """Add the evaluation commands to an argparse subparsers object; handlers go in the `handler` default."""
+def register(sub) -> None:
+    """Add eval, tune-steps, ref-stats and train-classifier to an argparse subparsers object."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
         "eval",
@@ -133,11 +142,9 @@ def add_commands(sub) -> None:
 
 
 def _check_common(args) -> torch.device:
-    from ..cli import _check_device, _positive
-
-    _positive("--num", args.num)
-    _positive("--batch", args.batch)
-    _positive("--grid", args.grid)
+    positive("--num", args.num)
+    positive("--batch", args.batch)
+    positive("--grid", args.grid)
     if args.num < 2:
         raise ValueError(f"--num must be at least 2 to fit a Gaussian, got {args.num}")
     if not 0 <= args.seed <= 2**63 - 1 - args.num:
@@ -146,16 +153,7 @@ def _check_common(args) -> torch.device:
         path = getattr(args, name, None)
         if path and os.path.isdir(path):
             raise ValueError(f"--{name.replace('_', '-')} {path}: is a directory; give a file name")
-    return _check_device(args.device)
-
-
-def _load(args, device):
-    from ..checkpoint import load_model
-    from ..cli import DTYPES
-
-    model = load_model(args.model, device=device).eval()
-    model.autocast_dtype = DTYPES[args.dtype]
-    return model
+    return check_device(args.device)
 
 
 def _space(args, device):
@@ -171,41 +169,11 @@ def _reference(args, space, size: int, channels: int, progress: bool):
     return ref
 
 
-def _generate(model, sampling: dict, args, progress: bool) -> np.ndarray:
-    from ..generate import generate
-
-    return generate(model, args.num, args.batch, args.seed, progress=progress, **sampling).images
-
-
-def _sampling(args, model) -> tuple[dict, dict]:
-    """(generate() keywords, what to record) for the model and --steps/--sigmas/--ts."""
-    from ..cli import _positive
-    from ..preconditioning import EDMDenoiser
-    from ..sampling import heun_evaluations, multistep_sigmas, num_evaluations, sigmas_from_ts
-
-    if isinstance(model, EDMDenoiser):
-        if args.sigmas is not None or args.ts is not None:
-            raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
-        steps = 18 if args.steps is None else args.steps
-        _positive("--steps", steps)
-        record = {"sampler": "edm_heun", "heun_steps": steps, "evaluations": heun_evaluations(steps)}
-        return {"heun_steps": steps}, record
-    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
-    if args.sigmas is not None:
-        sigmas = args.sigmas
-    elif args.ts is not None:
-        sigmas = sigmas_from_ts(args.ts, args.grid, **kw).tolist()
-    else:
-        sigmas = multistep_sigmas(1 if args.steps is None else args.steps, **kw).tolist()
-    record = {"sampler": "multistep", "sigmas": sigmas, "evaluations": num_evaluations(sigmas, model.sigma_min)}
-    if args.ts is not None:
-        record.update(ts=args.ts, grid=args.grid)
-    return {"sigmas": sigmas}, record
+def _generate(model, plan: SamplingPlan, args, progress: bool) -> np.ndarray:
+    return generate(model, plan, args.num, args.batch, args.seed, progress=progress).images
 
 
 def _write_json(path: str | None, result: dict) -> str:
-    from ..io import atomic_write_bytes
-
     text = json.dumps(result, indent=2)
     if path:
         atomic_write_bytes(path, (text + "\n").encode())
@@ -223,9 +191,6 @@ def evaluate_images(images: np.ndarray, space, ref, progress: bool = False) -> t
 
 
 def cmd_eval(args) -> None:
-    from ..data import load_dataset
-    from ..generate import image_shape
-
     device = _check_common(args)
     progress = not args.no_progress
     result: dict = {}
@@ -236,14 +201,15 @@ def cmd_eval(args) -> None:
         channels, size = data.channels, data.resolution
         result.update(images=args.images, num=len(data))
     else:
-        model = _load(args, device)
+        model = load_for_sampling(args.model, device, args.dtype)
         channels, size, _ = image_shape(model)
-        sampling, record = _sampling(args, model)
+        plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid)
+        record = plan.record()
         result.update(model=args.model, kind=model.kind, **record, num=args.num, seed=args.seed, dtype=args.dtype)
     space = _space(args, device)  # before sampling: missing weights or a bad reference fail first
     ref = _reference(args, space, size, channels, progress)
     t0 = time.perf_counter()
-    images = data.images if args.images is not None else _generate(model, sampling, args, progress)
+    images = data.images if args.images is not None else _generate(model, plan, args, progress)
     sample_seconds = time.perf_counter() - t0
     metrics, metric_seconds = evaluate_images(images, space, ref, progress)
     result.update(
@@ -259,17 +225,13 @@ def cmd_eval(args) -> None:
 
 def tune_time_points(model, space, ref, args, progress: bool = True) -> dict:
     """Greedy ternary search of ts for 2..max_steps steps (one-step FID too); every candidate uses seeds SEED.."""
-    from ..generate import generate
-    from ..sampling import sigmas_from_ts
-
-    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     scored: dict[tuple[int, ...], float] = {}
     bar = tqdm(desc="tune-steps (FID evaluations)", unit="ts", disable=not progress)
 
     def fid(ts: tuple[int, ...]) -> float:
         if ts not in scored:
-            sigmas = sigmas_from_ts(ts, args.grid, **kw).tolist()
-            images = generate(model, args.num, args.batch, args.seed, sigmas=sigmas, progress=False).images
+            plan = sampling_plan(model, ts=ts, grid=args.grid)
+            images = generate(model, plan, args.num, args.batch, args.seed, progress=False).images
             features, _ = space(images)
             scored[ts] = frechet_distance(*gaussian_statistics(features), ref.mu, ref.sigma)
             bar.update(1)
@@ -279,23 +241,21 @@ def tune_time_points(model, space, ref, args, progress: bool = True) -> dict:
     chosen = {1: {"ts": [0, args.grid - 1], "fid": fid((0, args.grid - 1))}}
     for n in range(2, args.max_steps + 1):
         ts, value, _ = greedy_time_points(fid, args.grid, n)
-        chosen[n] = {"ts": list(ts), "fid": value, "sigmas": sigmas_from_ts(ts, args.grid, **kw).tolist()}
+        chosen[n] = {"ts": list(ts), "fid": value, "sigmas": list(sampling_plan(model, ts=ts, grid=args.grid).sigmas)}
     bar.close()
     return {"chosen": chosen, "scored": {",".join(map(str, k)): v for k, v in sorted(scored.items())}}
 
 
 def cmd_tune_steps(args) -> None:
-    from ..generate import image_shape
-    from ..preconditioning import EDMDenoiser
-
     device = _check_common(args)
     if args.max_steps < 2:
         raise ValueError(f"--max-steps must be at least 2 (one step has no middle point), got {args.max_steps}")
     if args.grid < args.max_steps + 1:
         raise ValueError(f"--grid {args.grid} has too few points for {args.max_steps} steps")
-    model = _load(args, device)
-    if isinstance(model, EDMDenoiser):
-        raise ValueError(f"{args.model} is an EDM teacher; tune-steps searches a consistency model's time points")
+    model = load_for_sampling(args.model, device, args.dtype)
+    sampling_plan(
+        model, teacher_error=f"{args.model} is an EDM teacher; tune-steps searches a consistency model's time points"
+    )
     space = _space(args, device)
     channels, size, _ = image_shape(model)
     progress = not args.no_progress
@@ -321,11 +281,9 @@ def cmd_tune_steps(args) -> None:
 
 
 def cmd_ref_stats(args) -> None:
-    from ..cli import _check_device
-
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: is a directory; give a .npz file name")
-    device = _check_device(args.device)
+    device = check_device(args.device)
     space = _space(args, device)
     ref = reference_for(space, args.data, args.split, 0, 0, progress=not args.no_progress)
     save_reference(args.out, ref)
@@ -333,16 +291,11 @@ def cmd_ref_stats(args) -> None:
 
 
 def cmd_train_classifier(args) -> None:
-    from ..cli import _positive
-
-    _positive("--steps", args.steps)
+    positive("--steps", args.steps)
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: is a directory; give a .safetensors file name")
     model, record = train_classifier(steps=args.steps, seed=args.seed, progress=not args.no_progress)
     if args.dtype == "fp16":  # report the accuracy of the weights as stored
-        from ..data import load_digits
-        from .classifier import RESOLUTION, accuracy
-
         round_weights(model, torch.float16)
         test = load_digits(RESOLUTION, "test")
         record["test_accuracy"] = accuracy(model, *test.batch(range(len(test))))

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from . import editing
-from .data import load_digits, load_npz
-from .generate import image_shape, num_classes
-from .io import atomic_write_bytes, save_npz, save_png, to_uint8
-from .networks import PRESETS
-from .preconditioning import EDMDenoiser
-from .sampling import evaluation_sigmas, generators_from_seeds, num_evaluations, randint, randn
+from .. import editing
+from ..data import load_digits, load_npz
+from ..generate import check_class_label, image_shape, num_classes, sampling_plan
+from ..io import atomic_write_bytes, save_npz, save_png, to_uint8
+from ..networks import NETWORK_PRESETS
+from ..sampling import generators_from_seeds, karras_sigmas, randint, randn
+from .common import add_model_args, add_sigma_args, check_device, check_out_dir, ints, load_for_sampling
 
 TASKS = {
     "inpaint": "fill the pixels that --mask marks; the others keep the input exactly",
@@ -73,10 +73,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def add_commands(sub) -> None:
-    """Add `edit` to an argparse subparsers object; its handler is set as the `handler` default."""
-    from .cli import _add_model_args, _floats, _ints
-
+def register(sub) -> None:
+    """Add `edit` to an argparse subparsers object."""
     p = sub.add_parser(
         "edit",
         help="zero-shot editing: inpaint, colorize, super_resolve, denoise, interpolate, stroke_edit",
@@ -84,18 +82,16 @@ def add_commands(sub) -> None:
         formatter_class=_Formatter,
     )
     p.add_argument("task", type=_task, metavar="TASK", help="one of " + ", ".join(TASKS))
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--input", help="image file, .npz of uint8 images, or digits-test:N (not for interpolate)")
     p.add_argument("--mask", default="center", help="inpaint: PNG, box:x0,y0,x1,y1, strokes:SEED or center")
     p.add_argument("--factor", type=int, default=2, help="super_resolve: the resolution factor")
     p.add_argument("--sigma", type=float, default=0.3, help="denoise: the noise level")
     p.add_argument("--noisy", action="store_true", help="denoise: the input already carries noise of level --sigma")
-    p.add_argument("--steps", type=_ints, default="1", help="denoise: evaluations, one column per entry, e.g. 1,2")
-    p.add_argument("--seeds", type=_ints, default="0,1", help="interpolate: pairs of noise seeds, one row per pair")
+    p.add_argument("--steps", type=ints, default="1", help="denoise: evaluations, one column per entry, e.g. 1,2")
+    p.add_argument("--seeds", type=ints, default="0,1", help="interpolate: pairs of noise seeds, one row per pair")
     p.add_argument("--num", type=int, default=8, help="interpolate: images per strip")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--sigmas", type=_floats, help="explicit descending time points, e.g. 80,10,2")
-    when.add_argument("--ts", type=_ints, help="official time-point indices into a Karras grid of --grid points")
+    add_sigma_args(p.add_mutually_exclusive_group())
     p.add_argument("--grid", type=int, default=editing.EDIT_GRID, help="Karras grid size (walked whole by default)")
     p.add_argument(
         "--samples", type=int, default=3, help="results per input (inpaint, colorize, super_resolve, stroke_edit)"
@@ -177,14 +173,6 @@ def _check_args(args) -> None:
         raise ValueError(f"--steps must be positive integers, got {args.steps}")
 
 
-def _check_class_label(model, label: int | None) -> None:
-    classes = num_classes(model)
-    if label is not None and classes == 0:
-        raise ValueError("this model is unconditional; drop --class-label")
-    if label is not None and not 0 <= label < classes:
-        raise ValueError(f"--class-label {label} out of range for a model with {classes} classes")
-
-
 def _labels(model, args, gens, device) -> Tensor | None:
     """The class of each image: --class-label, or drawn from its own generator (class-conditional models only)."""
     classes = num_classes(model)
@@ -205,35 +193,30 @@ def _batched(run, inputs: Tensor, seeds: list[int], batch: int) -> Tensor:
 
 
 def cmd_edit(args) -> None:
-    from .checkpoint import load_model
-    from .cli import DTYPES, _check_device, _check_out_dir
-
     _check_args(args)
-    device = _check_device(args.device)
-    _check_out_dir(args.out)
-    model = load_model(args.model, device=device).eval()
-    if isinstance(model, EDMDenoiser):
-        raise ValueError(f"--model {args.model} is an EDM teacher; editing needs a consistency model")
-    model.autocast_dtype = DTYPES[args.dtype]
-    _check_class_label(model, args.class_label)
+    device = check_device(args.device)
+    check_out_dir(args.out)
+    model = load_for_sampling(args.model, device, args.dtype)
+    if args.task == "stroke_edit":
+        default = editing.STROKE_SIGMAS
+    else:  # the paper's editing schedule: the whole Karras grid
+        default = karras_sigmas(args.grid, model.sigma_min, model.sigma_max).tolist()
+    plan = sampling_plan(
+        model, sigmas=args.sigmas, ts=args.ts, grid=args.grid, default_sigmas=default,
+        teacher_error=f"--model {args.model} is an EDM teacher; editing needs a consistency model",
+    )  # fmt: skip
+    check_class_label(model, args.class_label)
     channels, size, _ = image_shape(model)
     if args.task == "colorize" and channels != 3:
         raise ValueError(f"colorize needs an RGB model; {args.model} has {channels} channel(s)")
-    sigmas = None if args.task == "denoise" or args.task == "interpolate" else _task_sigmas(model, args)
+    sigmas = None if args.task in ("denoise", "interpolate") else list(plan.sigmas)
     t0 = time.perf_counter()
     if args.task == "interpolate":
         panel = _interpolate(model, args, channels, size, device)
     else:
         panel = _edit_inputs(model, args, channels, size, device, sigmas)
     seconds = time.perf_counter() - t0
-    _write(args, model, panel, sigmas, seconds)
-
-
-def _task_sigmas(model, args) -> list[float]:
-    default = editing.STROKE_SIGMAS if args.task == "stroke_edit" and args.ts is None else None
-    sigmas = editing.edit_sigmas(model, args.sigmas, args.ts, args.grid, default=default)
-    evaluation_sigmas(sigmas, model.sigma_min, model.sigma_max)  # a one-line error now, before loading the inputs
-    return sigmas
+    _write(args, model, panel, sigmas, None if sigmas is None else plan.evaluations, seconds)
 
 
 @dataclass
@@ -385,7 +368,7 @@ def render_panel(rows: list[list[np.ndarray]], headers: list[str], title: str, c
     return np.asarray(canvas)
 
 
-def _write(args, model, panel: Panel, sigmas, seconds: float) -> None:
+def _write(args, model, panel: Panel, sigmas, evaluations: int | None, seconds: float) -> None:
     n, k = panel.results.shape[:2]
     rows = []
     for i in range(n):
@@ -394,10 +377,10 @@ def _write(args, model, panel: Panel, sigmas, seconds: float) -> None:
         rows.append(row + list(panel.results[i]))
     if args.task == "denoise":
         evaluations = list(args.steps)
-    else:
-        evaluations = 1 if sigmas is None else num_evaluations(sigmas, model.sigma_min)
+    elif evaluations is None:  # interpolation: one evaluation per image
+        evaluations = 1
     count = ", ".join(str(e) for e in evaluations) if isinstance(evaluations, list) else str(evaluations)
-    name = f"{args.model} (random weights)" if args.model in PRESETS else args.model
+    name = f"{args.model} (random weights)" if args.model in NETWORK_PRESETS else args.model
     title = f"{args.task} - {name} - {count} evaluation(s) per result"
     png = os.path.join(args.out, f"{args.task}.png")
     save_png(png, render_panel(rows, panel.headers, title))

@@ -1,0 +1,171 @@
+"""`cmfast sample`, `cmfast info` and `cmfast export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model, read_metadata, save
+from ..generate import Generated, generate, image_shape, sampling_plan
+from ..io import atomic_write_bytes, image_grid, save_npz, save_png
+from ..networks import NETWORK_PRESETS, config_to_dict
+from ..preconditioning import num_parameters
+from .common import (
+    DTYPES,
+    add_model_args,
+    add_time_point_args,
+    check_device,
+    check_out_dir,
+    load_for_sampling,
+    positive,
+)
+
+
+def register(sub) -> None:
+    """Add sample, info and export to an argparse subparsers object."""
+    p = sub.add_parser(
+        "sample",
+        help="generate images into a PNG grid and a uint8 .npz",
+        description="Generate images. A consistency model runs Algorithm 1 (one step by default, or several with "
+        "--steps/--sigmas/--ts); an EDM teacher checkpoint runs EDM's Heun sampler (--steps Heun steps, default 18 "
+        "= 35 network evaluations). Image i uses seed SEED+i, so results do not depend on --batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    add_time_point_args(p)
+    p.add_argument("--num", type=int, help="number of images (default: --batch)")
+    p.add_argument("--batch", type=int, default=16, help="images per network call")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
+    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
+    p.add_argument("--out", default="out", help="output directory for samples.png and samples.npz")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="consistency models on CUDA: capture each batch size's sampler as a CUDA graph once and replay it "
+        "(same images as without; falls back to eager sampling, with a message, on a CPU)",
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="run GroupNorm+SiLU and attention through cmfast's fused kernels (cmfast.ops; C++/CUDA extension or "
+        "Triton)",
+    )
+    p.set_defaults(handler=cmd_sample)
+
+    p = sub.add_parser(
+        "info",
+        help="print a checkpoint's architecture, parameter count and config",
+        description="Print what a checkpoint (or preset) holds: kind, architecture, parameters, preconditioning.",
+    )
+    p.add_argument("checkpoint", help="a cmfast .safetensors file, an official .pt file, or a preset name")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser(
+        "export",
+        help="re-save a model (checkpoint, official .pt or shipped name) in the cmfast format, e.g. as fp16",
+        description="Load any model --model accepts and write it as a cmfast .safetensors file, optionally storing "
+        "the weights in half precision (loading always gives float32 weights).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="a cmfast .safetensors file, an official .pt file or a shipped model name")
+    p.add_argument("dest", help="output .safetensors path (written atomically)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage precision")
+    p.set_defaults(handler=cmd_export)
+
+
+def write_samples(out: str, stem: str, result: Generated, extra: dict) -> tuple[str, str]:
+    """STEM.png (a grid; small images enlarged so the PNG is readable) and STEM.npz (uint8 images and `extra`)."""
+    grid = image_grid(result.images)
+    scale = max(1, 128 // result.images.shape[1])
+    png, npz = os.path.join(out, f"{stem}.png"), os.path.join(out, f"{stem}.npz")
+    save_png(png, grid, scale=scale)
+    arrays = {"images": result.images, **extra}
+    if result.labels is not None:
+        arrays["labels"] = result.labels
+    save_npz(npz, **arrays)
+    return png, npz
+
+
+def cmd_sample(args) -> None:
+    positive("--batch", args.batch)
+    num = args.batch if args.num is None else args.num
+    positive("--num", num)
+    if not 0 <= args.seed <= 2**63 - 1 - num:
+        raise ValueError(f"--seed must lie in [0, 2^63 - 1 - num], got {args.seed}")
+    device = check_device(args.device)
+    check_out_dir(args.out)
+    model = load_for_sampling(args.model, device, args.dtype, args.fused)
+    plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid, graph=args.graph)
+    if plan.graph_refused:
+        print(f"cmfast: --graph: {plan.graph_refused}; sampling eagerly", file=sys.stderr)
+    run = {
+        "model": args.model,
+        "kind": model.kind,
+        "num": num,
+        "batch": args.batch,
+        "seed": args.seed,
+        "class_label": args.class_label,
+        "device": str(device),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "graph": plan.graph,
+        "fused": args.fused,
+    }
+    run.update({k: v for k, v in plan.record().items() if k not in ("ts", "grid")})  # the sigmas say it all
+    result = generate(model, plan, num, args.batch, args.seed, args.class_label, progress=not args.no_progress)
+    run["seconds"] = result.seconds
+    extra = {"seeds": np.arange(args.seed, args.seed + num)}
+    extra.update({"heun_steps": np.array(plan.heun_steps)} if plan.teacher else {"sigmas": np.array(plan.sigmas)})
+    png, npz = write_samples(args.out, "samples", result, extra)
+    atomic_write_bytes(os.path.join(args.out, "samples.json"), json.dumps(run, indent=2).encode())
+    print(
+        f"wrote {png}, {npz} and samples.json: {num} images, {plan.evaluations} evaluations each, "
+        f"{result.seconds:.2f} s ({num / result.seconds:.1f} images/s on {device}, {args.dtype})"
+    )
+    if args.model in NETWORK_PRESETS:
+        print(f"note: {args.model} is a preset with random (untrained) weights")
+
+
+def cmd_info(args) -> None:
+    model = load_model(args.checkpoint)
+    info = {
+        "file": args.checkpoint,
+        "kind": "consistency model" if model.kind == "cm" else "EDM denoiser (teacher)",
+        "parameters": num_parameters(model.net),
+        "image_shape": list(image_shape(model)),
+        "preconditioning": {
+            "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max,
+            "sigma_data": model.sigma_data,
+            "noise_cond": model.noise_cond,
+        },
+        "network": config_to_dict(model.net.config),
+    }
+    if args.checkpoint in NETWORK_PRESETS:
+        info["note"] = "a preset: random weights"
+    elif args.checkpoint.endswith(".safetensors"):
+        info["format"] = f"cmfast safetensors v{read_metadata(args.checkpoint)['version']}"
+    else:
+        info["format"] = "official PyTorch state dict (.pt)"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    net = info.pop("network")
+    for key, value in info.items():
+        print(f"{key:>16}: {value}")
+    print(f"{'network':>16}: {net.pop('arch')}")
+    for key, value in net.items():
+        print(f"{'':>18}{key} = {value}")
+
+
+def cmd_export(args) -> None:
+    model = load_model(args.source)
+    save(model, args.dest, dtype=DTYPES[args.dtype])
+    print(f"wrote {args.dest} ({model.kind}, {num_parameters(model.net) / 1e6:.2f}M parameters, {args.dtype})")
