@@ -86,7 +86,17 @@ LAYERS = [  # (layer, module prefixes); a module may import its own layer and th
     ("ops", ["cmfast.ops"]),
     ("networks", ["cmfast.networks"]),
     ("models", ["cmfast.checkpoint", "cmfast.graphs"]),
-    ("work", ["cmfast.generate", "cmfast.training", "cmfast.editing", "cmfast.evaluation", "cmfast.pipeline"]),
+    (
+        "work",
+        [
+            "cmfast.generate",
+            "cmfast.training",
+            "cmfast.editing",
+            "cmfast.masks",
+            "cmfast.evaluation",
+            "cmfast.pipeline",
+        ],
+    ),
     ("cli", ["cmfast.cli"]),
 ]
 
