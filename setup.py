@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cuda_home() -> str | None:
@@ -80,8 +80,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cmfast", "cmfast.networks", "cmfast.training", "cmfast.evaluation", "cmfast.kernels"],
-    package_dir={"cmfast.kernels": "kernels"},
+    packages=find_packages(include=["cmfast", "cmfast.*"]),
     package_data={"cmfast": ["assets/*.safetensors", "assets/*.md"]},
     install_requires=[
         "torch>=2.4",

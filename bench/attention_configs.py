@@ -12,9 +12,9 @@ import argparse
 import json
 
 import torch
-from cmfast.kernels import attention as K
 
 from cmfast import ops
+from cmfast.kernels import attention as K
 
 from .common import machine, time_ms
 

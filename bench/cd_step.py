@@ -1,4 +1,4 @@
-"""One consistency-distillation training step (issue 7): images/s and peak memory, random weights and data.
+"""One consistency-distillation training step: images/s and peak memory, random weights and data.
 
 The step of Algorithm 2 as `cmfast distill` runs it: the teacher's Heun step (two evaluations, no gradients), the
 target's evaluation, the online forward and backward, RAdam, the EMA updates of the target and one EMA. Variants:

@@ -67,8 +67,7 @@ def machine() -> dict:
     try:
         from cmfast import ops
 
-        reason = ops._extension_reason() if hasattr(ops, "_extension_reason") else "unknown"
-        info["cmfast_extension"] = reason or "loaded"
+        info["cmfast_extension"] = ops.extension.reason() or "loaded"
     except ImportError:
         pass
     return info

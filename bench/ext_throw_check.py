@@ -1,7 +1,7 @@
 """GPU-machine diagnostic: does an argument error raised inside cmfast._C (TORCH_CHECK) reach Python as a RuntimeError?
 
-On the H100 machine (torch 2.11) the extension's tests crashed with a segmentation fault at the first such error, while
-CI (torch 2.14, no GPU) passes the same tests. Each case runs in its own process, so one crash does not hide the next:
+With some toolchains (torch 2.11 with g++ 13.3) such an error crashed the process with a segmentation fault instead
+(see CMFAST_CHECK in csrc/common.h). Each case runs in its own process, so one crash does not hide the next:
 
     python bench/ext_throw_check.py                  # every case
     python bench/ext_throw_check.py --cases cpu      # some of them (comma-separated)

@@ -5,18 +5,18 @@
 #
 # STEPS is a comma-separated list, run in the order given (default: all). The package is first installed without
 # the C++/CUDA extension; the ext step rebuilds it with the extension (sm_90) and runs its tests.
-#   ext        build the C++/CUDA extension into the package, then tests/ext (ext-build: only build it)
+#   ext        build the C++/CUDA extension into the package, then its tests (ext-build: only build it)
 #   tests      the CUDA tests (pytest -m cuda: kernels, extension, graph sampler, captured CD step, losses)
 #   attn       bench.attention_configs: every attention block configuration, checked and timed
 #   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
 #   sampling   python -m bench sampling (sampling-quick: batch 1 and 256, compile in 'default' mode)
 #   cd-step    python -m bench cd-step (cd-step-quick: l2 only)
 #   engine     the CUDA tests of the graph sampler, the captured CD step and the CLI (tests/test_graphs.py, training)
-#   engine-bench  the issue-7 figures first, for a short lease: one-step sampling at batch 1 and 256 for ADM-64 then
+#   engine-bench  the engine figures first, for a short lease: one-step sampling at batch 1 and 256 for ADM-64 then
 #              DDPM++ without torch.compile (eager bf16, cmfast fused, CUDA graph, eager fp32, diffusers), the CD step
 #              (l2) for both models, then the torch.compile rows of sampling in 'default' mode (compiling is slowest)
 #   ext-diag   why an argument error inside cmfast._C crashed (bench/ext_throw_check.py; a native backtrace through
-#              cuda-gdb; the same check on a CPU-only build of the extension), then tests/ext without the two tests
+#              cuda-gdb; the same check on a CPU-only build of the extension), then the extension's tests without the two tests
 #              that raise errors through the extension
 #   final      the captured CD step's tests alone (with per-test timeouts that print where a hang sits), the DDPM++ CD
 #              step (eager AMP and cmfast, dropout 0), then sampling with eager bf16, the CUDA graph and torch.compile
@@ -61,8 +61,8 @@ for s in ${STEPS//,/ }; do  # in the order given
   case $s in
     ext|ext-build)  # rebuild with the extension; a failed build leaves the pure-Python install in place
       step ext_build 200 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
-      python3 -c "import cmfast.ops as o; print('extension:', o._extension_reason() or 'loaded')" | tee -a "$OUT/steps.txt"
-      [ "$s" = ext ] && step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/ext ;;
+      python3 -c "from cmfast import ops; print('extension:', ops.extension.reason() or 'loaded')" | tee -a "$OUT/steps.txt"
+      [ "$s" = ext ] && step ext_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -ra tests/kernels/test_extension.py ;;
     # -v: each result is printed as it happens, so a run stopped at its limit still says which tests failed
     tests) step tests 150 python3 -m pytest -v -p no:cacheprovider -n 8 -m cuda --tb=short -ra tests ;;
     attn) step attn 80 python3 -m bench.attention_configs --out "$OUT/attention-configs.json" ;;
@@ -94,7 +94,7 @@ for s in ${STEPS//,/ }; do  # in the order given
       step ext_throw_cpu_only 40 bash -c 'python3 bench/ext_throw_check.py --cases torch-with-ext,cpu,cpu-dtype \
         --so /tmp/cpuonly/cmfast/_C*.so'
       cat "$OUT/logs/ext_throw_cpu_only.log" >> "$OUT/steps.txt"
-      step ext_tests_nothrow 90 python3 -m pytest -v -p no:cacheprovider --tb=short -ra tests/ext \
+      step ext_tests_nothrow 90 python3 -m pytest -v -p no:cacheprovider --tb=short -ra tests/kernels/test_extension.py \
         -k "not clear_errors and not dispatch_and_registration"
       step ext_throw_gdb 50 cuda-gdb -q -batch -ex run -ex bt --args python3 bench/ext_throw_check.py --cases cpu \
         --in-process ;;

@@ -1,4 +1,4 @@
-"""Per-op benchmarks (issue 6): cmfast's fused ops against eager PyTorch and torch.compile at the networks' shapes.
+"""Per-op benchmarks: cmfast's fused ops against eager PyTorch and torch.compile at the networks' shapes.
 
 For each op and shape: the median time of every implementation, its achieved memory bandwidth (GB/s, from the fewest
 bytes the op must move: each input read once, each output written once) or, for attention, its TFLOP/s, both also as
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from cmfast import ops
 from cmfast.kernels import group_norm_silu as _gn_kernels
 from cmfast.kernels.attention import attention_ref
 from cmfast.kernels.heun_step import heun_step_ref
 from cmfast.kernels.skip_out import skip_out_ref
-
-from cmfast import ops
 
 from .common import failure, peak_bandwidth_gbs, peak_tflops, time_graph_ms, time_ms
 
@@ -47,7 +47,7 @@ ATTN_SHAPES = [
     ("adm-imagenet64", 9, 64, 256),
     ("adm-imagenet64", 12, 64, 64),
 ]
-_LABEL = {"triton": "cmfast-triton", "cuda": "cmfast-ext"}  # the "cuda" backend is the C++/CUDA extension
+_LABEL = {"triton": "cmfast-triton", "ext": "cmfast-ext"}
 _BACKEND = {v: k for k, v in _LABEL.items()}
 IMAGE_SHAPES = [("ddpmpp-cifar10", 3, 32), ("adm-imagenet64", 3, 64)]
 
@@ -71,7 +71,7 @@ class Case:
 def _backend_impls(op: str, call: Callable[[str], object], args: tuple, kwargs: dict) -> tuple[dict, dict]:
     """cmfast's fused backends that can take these inputs, as thunks; the others with the reason."""
     impls, skipped = {}, {}
-    for backend in ("triton", "cuda"):
+    for backend in ("triton", "ext"):
         try:
             ops.explain(op, *args, backend=backend, **kwargs)
         except ops.BackendError as e:
@@ -83,19 +83,6 @@ def _backend_impls(op: str, call: Callable[[str], object], args: tuple, kwargs: 
 
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
-
-
-def _forced_path(path: str, fn: Callable) -> Callable:
-    """fn with the GroupNorm forward path forced ("flat" or "tile"; see cmfast.kernels.group_norm_silu)."""
-
-    def run():
-        saved, _gn_kernels.FWD_PATH = _gn_kernels.FWD_PATH, path
-        try:
-            return fn()
-        finally:
-            _gn_kernels.FWD_PATH = saved
-
-    return run
 
 
 def _eager_gn(x, w, b, scale=None, shift=None):
@@ -143,9 +130,9 @@ def _gn_case(device, dtype, network, C, R, batch, form, layout, quick) -> list[C
         dict(scale=scale, shift=shift),
     )
     if layout == "nchw" and "cmfast-triton" in impls:  # both forward paths, whichever the launcher would pick
-        for path in ("flat", "tile"):
-            impls[f"cmfast-triton[{path}]"] = _forced_path(
-                path, lambda: ops.group_norm_silu(x, w, b, 32, scale=scale, shift=shift, backend="triton")
+        for path in ("flat", "tile"):  # the Triton launcher itself, with its forward path forced
+            impls[f"cmfast-triton[{path}]"] = lambda path=path: _gn_kernels.group_norm_silu_forward(
+                x, w, b, scale, shift, 32, 1e-5, True, path=path
             )
     n_bytes = 2 * x.numel() * x.element_size()
     shape = f"{C}x{R}x{R} {form} {layout}"

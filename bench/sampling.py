@@ -1,4 +1,4 @@
-"""One-step sampling throughput and batch-1 latency (issue 7), random weights (speed does not depend on them).
+"""One-step sampling throughput and batch-1 latency, random weights (speed does not depend on them).
 
 Variants, each timed in the same run on the same device:
   eager-fp32      ConsistencyModel + Algorithm 1 in float32, NCHW

@@ -6,19 +6,19 @@
 
 Shapes are the networks' small CPU ones: batch 16, 64 and 192 channels, 16x16 and 32x32. Each pair shares a group, so
 `pytest bench/test_bench_ext_ops.py --benchmark-only` prints eager and extension side by side; extra_info holds the
-memory traffic in GB/s (each tensor read or written once: the floor of what any implementation moves). The issue's
-aim is the extension at least 2x eager. Skipped when the extension is not built.
+memory traffic in GB/s (each tensor read or written once: the floor of what any implementation moves). The target
+is the extension at least 2x eager. Skipped when the extension is not built.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from cmfast import ops
 from cmfast.kernels import heun_step as _heun
 from cmfast.kernels import skip_out as _so
 
-from cmfast import ops
-
-pytestmark = pytest.mark.skipif(bool(ops._extension_reason()), reason=ops._extension_reason() or "built")
+pytestmark = pytest.mark.skipif(bool(ops.extension.reason()), reason=ops.extension.reason() or "built")
 
 SHAPES = [(16, 64, 16, 16), (16, 64, 32, 32), (16, 192, 16, 16), (16, 192, 32, 32)]
 EPS, SD = 0.002, 0.5

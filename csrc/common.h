@@ -1,5 +1,5 @@
 // What the CPU and CUDA implementations of the cmfast_ext ops share: argument checks (one message per argument, naming
-// it), the memory-format rule of cmfast.ops, and output allocation.
+// it), the memory-format rule of cmfast.kernels, and output allocation.
 #pragma once
 
 #include <cstdio>
@@ -20,11 +20,10 @@
 // TORCH_CHECK with a message made here, without iostreams: CMFAST_CHECK(cond, "x has ", x.dim(), " dims").
 //
 // TORCH_CHECK formats several message arguments through a std::ostringstream (c10::str), and that code is compiled into
-// this library. On the H100 machine (torch 2.11, extension built by /opt/gcc's g++ 13.3) parts of libstdc++ were linked
-// into the library itself, and writing an integer into such a stream crashed (a segmentation fault in
-// std::ostream::_M_insert<long>, inside cmfast/_C*.so, at the first failed check; cuda-gdb backtrace of 2026-11-26).
-// Strings never crashed. So every piece is turned into a std::string here (std::to_string, snprintf), and TORCH_CHECK
-// receives one finished std::string, which c10::str hands through without a stream.
+// this library. Where parts of libstdc++ end up linked into the library itself (seen with torch 2.11 and g++ 13.3),
+// writing an integer into such a stream crashes at the first failed check (in std::ostream::_M_insert<long>), while
+// strings do not. So every piece is turned into a std::string here (std::to_string, snprintf), and TORCH_CHECK receives
+// one finished std::string, which c10::str hands through without a stream.
 #define CMFAST_CHECK(cond, ...) TORCH_CHECK(cond, ::cmfast_ext::message(__VA_ARGS__))
 
 namespace cmfast_ext {
@@ -60,7 +59,7 @@ std::string message(const Args&... args) {
   return out;
 }
 
-// cmfast.kernels.skip_out.memory_format: channels_last for 4-D tensors stored that way, else contiguous. Every op makes
+// cmfast.kernels._common.memory_format: channels_last for 4-D tensors stored that way, else contiguous. Every op makes
 // its inputs dense in x's format and allocates its outputs in it, so sample b is the b-th run of numel / B elements.
 inline at::MemoryFormat memory_format(const at::Tensor& x) {
   if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {

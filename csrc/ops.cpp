@@ -1,6 +1,6 @@
 // The cmfast_ext operator library: schemas here, CPU kernels in cpu/kernels.cpp, the CUDA kernel in
-// cuda/group_norm_silu.cu. Python reaches them as torch.ops.cmfast_ext.* after `import cmfast._C`; cmfast.ops
-// registers their fake implementations and calls them from its own cmfast:: custom ops (the "cuda" backend).
+// cuda/group_norm_silu.cu. Python reaches them as torch.ops.cmfast_ext.* after `import cmfast._C` (cmfast.ops loads
+// it); the ops registered in cmfast/kernels/ hold their fake implementations and call them as the "ext" backend.
 #include <Python.h>
 
 #include <torch/library.h>

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from .configs import ADMConfig
 
 QKV_LAYOUTS = ("3hd", "h3d")
@@ -74,8 +75,6 @@ def _norm_act(norm: GroupNorm32, x: Tensor, fused: bool, silu: bool = True, scal
     """GroupNorm in float32, ADM's scale-shift norm(x) * (1 + scale) + shift when given, then SiLU; through the fused
     op (`cmfast.ops.group_norm_silu`, one read of x and one write) when `fused`."""
     if fused:
-        from .. import ops  # imported on use: importing triton fixes whether it interprets
-
         return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, silu)
     h = norm(x)
     if scale is not None:
@@ -175,8 +174,6 @@ class AttentionBlock(nn.Module):
         batch, channels, height, width = x.shape
         qkv = self.qkv(_norm_act(self.norm, x, self.fused, silu=False)).reshape(batch, 3 * channels, height * width)
         if self.fused and self.qkv_layout == "3hd":
-            from .. import ops
-
             h = ops.attention(qkv, self.num_heads)
         else:
             h = qkv_attention(qkv, self.num_heads, self.qkv_layout)

@@ -4,7 +4,9 @@ Module and parameter names follow EDM's `SongUNet` (`map_noise`, `map_layer0`, `
 checkpoints load with `load_state_dict` unchanged. The network sees c_noise = ln(sigma) / 4 only; preconditioning
 (c_skip, c_out, c_in) lives with the caller.
 
-Two steps are kept as plain functions so a fused kernel can replace them: `group_norm_silu` and `attention`.
+`group_norm_silu` runs through the fused `cmfast.ops.group_norm_silu` when a block's `fused` flag is set
+(`cmfast.networks.set_fused_ops`). `attention` always runs in PyTorch: its qkv channels are in EDM's (heads, C / heads,
+3) order, which `cmfast.ops.attention` (channels (3, heads, head_dim), ADM's layout) does not read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from .configs import SongUNetConfig
 
 # Constants of EDM's DDPM++ / NCSN++ configuration (fixed there too, not exposed as options).
@@ -56,8 +59,6 @@ def group_norm_silu(x: Tensor, norm: GroupNorm, fused: bool = False) -> Tensor:
     """SiLU(GroupNorm(x)) on (B, C, H, W); the pair every block applies before a conv. fused: through
     `cmfast.ops.group_norm_silu` (one read of x, one write)."""
     if fused:
-        from .. import ops  # imported on use: importing triton fixes whether it interprets
-
         return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     return F.silu(norm(x))
 

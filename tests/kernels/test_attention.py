@@ -6,24 +6,17 @@ CPU runs go through Triton's interpreter (marker `triton`), CUDA runs use the ne
 Tolerance: the kernel's error against float64 is at most twice PyTorch's own error in the same dtype plus a floor.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton decorates functions, so before it is imported
+from cmfast import ops
+from cmfast.kernels import attention as K
+from cmfast.kernels._common import interpreted
+from cmfast.networks.adm import qkv_attention
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from cmfast.kernels import attention as K  # noqa: E402
-from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
-
-from cmfast import ops  # noqa: E402
-from cmfast.networks.adm import qkv_attention  # noqa: E402
-
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-assert_within_rule = within_rule(FLOOR)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, heads, head_dim, T): T not a multiple of the blocks, batch 1 and 3, one and several heads
 SHAPES = {
@@ -57,27 +50,33 @@ def run(qkv, dout, num_heads, backend, cast=None):
     return {"out": out.detach(), "dqkv": qkv.grad}
 
 
-def check(shape, dtype, device, seed=0, strided=False):
-    qkv, dout = make_inputs(shape, dtype, device, seed, strided)
-    with poisoned_outputs():
-        fused = run(qkv, dout, shape[1], "triton")
-    ref = run(qkv, dout, shape[1], "torch", cast=torch.float64)
-    low = run(qkv, dout, shape[1], "torch")
-    for name, value in fused.items():
-        assert value.dtype == dtype and value.shape == ref[name].shape, name
-        assert_within_rule(value, ref[name], low[name], dtype, f"{name} of {shape} {dtype}")
+@pytest.fixture
+def check(poisoned_outputs, within_rule):
+    """check(shape, dtype, device, seed=0, strided=False) for shape (B, heads, head_dim, T): the Triton backend's
+    output and gradient of qkv against float64, within the rule."""
+    assert_within_rule = within_rule(FLOOR)
+
+    def check(shape, dtype, device, seed=0, strided=False):
+        qkv, dout = make_inputs(shape, dtype, device, seed, strided)
+        with poisoned_outputs():
+            fused = run(qkv, dout, shape[1], "triton")
+        ref = run(qkv, dout, shape[1], "torch", cast=torch.float64)
+        low = run(qkv, dout, shape[1], "torch")
+        for name, value in fused.items():
+            assert value.dtype == dtype and value.shape == ref[name].shape, name
+            assert_within_rule(value, ref[name], low[name], dtype, f"{name} of {shape} {dtype}")
+
+    return check
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_and_gradients(device, dtype):
+def test_forward_and_gradients(device, dtype, check):
     for i, shape in enumerate(SHAPES[device]):
         check(shape, dtype, device, seed=i)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_several_blocks_with_a_partial_tail(device, dtype, monkeypatch):
+def test_several_blocks_with_a_partial_tail(device, dtype, monkeypatch, check):
     """Small blocks so every loop runs several iterations, and the last block partly past T; qkv strided
     (positions not contiguous)."""
     monkeypatch.setattr(K, "_blocks", lambda block_d: (16, 16, 4, 1))
@@ -86,29 +85,27 @@ def test_several_blocks_with_a_partial_tail(device, dtype, monkeypatch):
     check((1, 1, 32, 50), dtype, device, seed=1)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("blocks", [(16, 32, 4, 1), (32, 16, 4, 1), (64, 32, 4, 2)])
-def test_unequal_blocks(device, blocks, monkeypatch, request):
-    """Query and key blocks of different sizes. They pass in the interpreter but failed on an H100 with Triton 3.6
-    (2026-11-26; the failure's message was not captured), so the launcher keeps them equal; this test stays to
-    find the cause."""
+def test_unequal_blocks(device, blocks, monkeypatch, request, check):
+    """Query and key blocks of different sizes. They pass in the interpreter but fail on CUDA with Triton 3.6, so the
+    launcher keeps them equal; this test stays to find the cause. On CUDA it is a strict xfail: a pass there means
+    the launcher may use unequal blocks again."""
     if device == "cuda":
-        request.applymarker(pytest.mark.xfail(reason="failed on an H100 with Triton 3.6, not diagnosed", strict=False))
+        reason = "unequal query and key blocks fail on CUDA with Triton 3.6, not diagnosed (see attention._blocks)"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     monkeypatch.setattr(K, "_blocks", lambda block_d: blocks)
     check((2, 2, 32 if blocks[0] < 64 else 128, 71), torch.float32, device, strided=True)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("head_dim", [24, 128, 256])
-def test_wide_and_irregular_head_dims(device, head_dim):
+def test_wide_and_irregular_head_dims(device, head_dim, check):
     """DDPM++'s one 256-channel head, each block configuration, and a head dim that is not a power of two (padded
     and masked)."""
     check((1, 1, head_dim, 70 if device == "cpu" else 777), torch.float32, device)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_matches_adm_qkv_attention(device):
-    """What the ADM attention block computes today (layout "3hd"), output and gradient."""
+    """What the unfused ADM attention block computes (layout "3hd"), output and gradient."""
     qkv, dout = make_inputs((3, 3, 16, 37) if device == "cpu" else (2, 4, 64, 1024), torch.float32, device)
     fused = run(qkv, dout, 3 if device == "cpu" else 4, "triton")
     x = qkv.detach().requires_grad_()
@@ -118,7 +115,6 @@ def test_matches_adm_qkv_attention(device):
     torch.testing.assert_close(fused["dqkv"], x.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_broadcast_upstream_gradient(device):
     """out.sum() hands the backward a stride-0 gradient, which the kernels read in place."""
     qkv, _ = make_inputs((2, 2, 16, 21), torch.float32, device)
@@ -135,8 +131,8 @@ def test_reasons_and_fallback():
     qkv = torch.randn(2, 3 * 512, 4, dtype=torch.float64)
     choice = ops.explain("attention", qkv, 1)
     assert choice.backend == "torch"
-    assert choice.skipped["cuda"] == (ops._extension_reason() or "cmfast._C has no CPU kernel for attention")
-    if K.triton is not None:
+    assert choice.skipped["ext"] == (ops.extension.reason() or "cmfast._C has no CPU kernel for attention")
+    if triton is not None:
         assert "torch.float64" in choice.skipped["triton"] and "head dim 512" in choice.skipped["triton"]
     with pytest.raises(ops.BackendError, match="head dim 512"):
         ops.attention(qkv.float(), 1, backend="triton")
@@ -149,7 +145,7 @@ def test_reasons_and_fallback():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck(backend):
-    if backend == "triton" and not ops._interpreted(K):
+    if backend == "triton" and not interpreted(K):
         pytest.skip("needs triton with TRITON_INTERPRET=1")
     qkv, dout = make_inputs((3, 2, 16, 11), torch.float32, "cpu")
     torch.library.opcheck(torch.ops.cmfast.attention.default, (qkv.requires_grad_(), 2, backend))
@@ -167,7 +163,7 @@ def test_registered_torch_backward_matches_autograd_of_the_reference():
 
 
 def test_torch_compile_traces_the_op():
-    if not ops._interpreted(K):
+    if not interpreted(K):
         pytest.skip("needs triton with TRITON_INTERPRET=1")
     qkv, dout = make_inputs((1, 2, 16, 9), torch.float32, "cpu")
     compiled = torch.compile(lambda x: ops.attention(x, 2, backend="triton"), backend="aot_eager", fullgraph=True)

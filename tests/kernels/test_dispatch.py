@@ -1,28 +1,24 @@
 """Backend dispatch of cmfast.ops: order, reasons, CMFAST_BACKEND, errors; the torch.library registration (opcheck,
 torch.compile); and the PyTorch backward the registered ops carry, against autograd of the references.
 
-The "cuda" backend is the C++/CUDA extension cmfast._C; tests of the machine without it simulate its absence, and
-those that need it skip when it is not built (tests/ext checks the extension itself, and fails without it in CI).
+The "ext" backend is the C++/CUDA extension cmfast._C; tests of the machine without it simulate its absence, and
+those that need it skip when it is not built (test_extension.py checks the extension itself, and fails without it in
+CI).
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton decorates functions, so before it is imported
+from cmfast import ops
+from cmfast.kernels import _common
+from cmfast.kernels import group_norm_silu as _gn
+from cmfast.kernels import skip_out as _so
 
-from cmfast.kernels import group_norm_silu as _gn  # noqa: E402
-from cmfast.kernels import skip_out as _so  # noqa: E402
-
-from cmfast import ops  # noqa: E402
-
-HAVE_TRITON = _so.triton is not None
-INTERPRETED = HAVE_TRITON and ops._interpreted(_so)
+HAVE_TRITON = _common.triton is not None
+INTERPRETED = HAVE_TRITON and _common.interpreted(_so)
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton with TRITON_INTERPRET=1")
-EXT = ops._extension_reason() == ""
-needs_ext = pytest.mark.skipif(not EXT, reason=f"cmfast._C: {ops._extension_reason()}")
+EXT = ops.extension.reason() == ""
+needs_ext = pytest.mark.skipif(not EXT, reason=f"cmfast._C: {ops.extension.reason()}")
 NOT_BUILT = "the C++/CUDA extension cmfast._C is not built"
 EPS, SD = 0.002, 0.5
 
@@ -54,45 +50,45 @@ def gn_inputs(B=2, C=12, scale_shift=True, requires_grad=False):
 @pytest.fixture
 def without_extension(monkeypatch):
     """Dispatch as on a machine where cmfast._C was not built."""
-    monkeypatch.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
+    monkeypatch.setattr(ops.extension, "reason", lambda: NOT_BUILT)
 
 
 @needs_interpreter
 def test_automatic_choice_skips_the_unbuilt_extension_with_its_reason(without_extension):
     choice = ops.explain("skip_out", *skip_out_inputs(), EPS, SD)
     assert choice.backend == "triton"
-    assert choice.skipped == {"cuda": NOT_BUILT}
+    assert choice.skipped == {"ext": NOT_BUILT}
 
 
 @needs_ext
 def test_automatic_choice_takes_the_built_extension_first():
     for op, args in [("skip_out", (*skip_out_inputs(), EPS, SD)), ("group_norm_silu", (*gn_inputs()[:3], 4))]:
-        assert ops.explain(op, *args) == ops.Choice("cuda", {})
+        assert ops.explain(op, *args) == ops.Choice("ext", {})
     qkv = torch.randn(2, 3 * 2 * 4, 5)
-    assert ops.explain("attention", qkv, 2).skipped["cuda"] == "cmfast._C has no CPU kernel for attention"
+    assert ops.explain("attention", qkv, 2).skipped["ext"] == "cmfast._C has no CPU kernel for attention"
 
 
 @pytest.mark.parametrize("built", [pytest.param(True, marks=needs_ext), False])
 def test_float64_falls_back_to_torch_with_a_reason(built, monkeypatch):
     if not built:
-        monkeypatch.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
+        monkeypatch.setattr(ops.extension, "reason", lambda: NOT_BUILT)
     choice = ops.explain("group_norm_silu", torch.randn(2, 8, 3, 3, dtype=torch.float64), None, None, 4)
     assert choice.backend == "torch"
     expected = "x is torch.float64; cmfast._C kernels take float32, bfloat16 or float16" if built else NOT_BUILT
-    assert choice.skipped["cuda"] == expected
+    assert choice.skipped["ext"] == expected
     if HAVE_TRITON:
         assert "torch.float64" in choice.skipped["triton"]
 
 
 def test_reasons_for_triton_environment(monkeypatch, without_extension):
     x, F, sigma = skip_out_inputs()
-    triton = _so.triton
-    monkeypatch.setattr(_so, "triton", None)
+    triton = _common.triton
+    monkeypatch.setattr(_common, "triton", None)
     assert ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"] == "triton is not installed"
-    monkeypatch.setattr(_so, "triton", triton)
+    monkeypatch.setattr(_common, "triton", triton)
     if not HAVE_TRITON:
-        return
-    monkeypatch.setattr(ops, "_interpreted", lambda module: False)
+        pytest.skip("triton is not installed, so the reasons that need it cannot be checked")
+    monkeypatch.setattr(_common, "interpreted", lambda module: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "need the Triton interpreter" in ops.explain("skip_out", x, F, sigma, EPS, SD).skipped["triton"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -105,22 +101,22 @@ def test_reasons_for_triton_environment(monkeypatch, without_extension):
 def test_extension_takes_cpu_and_cuda_tensors_only():
     meta = [t.to("meta") for t in skip_out_inputs()]
     skipped = ops.explain("skip_out", *meta, EPS, SD).skipped
-    assert skipped["cuda"] == "cmfast._C runs on CPU and CUDA tensors, not on meta"
+    assert skipped["ext"] == "cmfast._C runs on CPU and CUDA tensors, not on meta"
 
 
 def test_requested_backend_that_cannot_run_raises_with_reasons(monkeypatch):
     x, F, sigma = skip_out_inputs()
     if EXT:
-        with pytest.raises(ops.BackendError, match="'cuda' .*x is torch.float64; cmfast._C kernels take"):
-            ops.skip_out(x.double(), F.double(), sigma, EPS, SD, backend="cuda")
-        with pytest.raises(ops.BackendError, match="'cuda' .*F is torch.bfloat16 but x is torch.float32"):
-            ops.skip_out(x, F.bfloat16(), sigma, EPS, SD, backend="cuda")
-        with pytest.raises(ops.BackendError, match="'cuda' .*no CPU kernel for attention"):
-            ops.attention(torch.randn(1, 6, 4), 1, backend="cuda")
+        with pytest.raises(ops.BackendError, match="'ext' .*x is torch.float64; cmfast._C kernels take"):
+            ops.skip_out(x.double(), F.double(), sigma, EPS, SD, backend="ext")
+        with pytest.raises(ops.BackendError, match="'ext' .*F is torch.bfloat16 but x is torch.float32"):
+            ops.skip_out(x, F.bfloat16(), sigma, EPS, SD, backend="ext")
+        with pytest.raises(ops.BackendError, match="'ext' .*no CPU kernel for attention"):
+            ops.attention(torch.randn(1, 6, 4), 1, backend="ext")
     with monkeypatch.context() as m:
-        m.setattr(ops, "_extension_reason", lambda: NOT_BUILT)
-        with pytest.raises(ops.BackendError, match="'cuda' .*not built"):
-            ops.skip_out(x, F, sigma, EPS, SD, backend="cuda")
+        m.setattr(ops.extension, "reason", lambda: NOT_BUILT)
+        with pytest.raises(ops.BackendError, match="'ext' .*not built"):
+            ops.skip_out(x, F, sigma, EPS, SD, backend="ext")
     if HAVE_TRITON:
         with pytest.raises(ops.BackendError, match="'triton' .*CMFAST_BACKEND.*torch.float64"):
             monkeypatch.setenv("CMFAST_BACKEND", "triton")
@@ -143,6 +139,22 @@ def test_environment_override(monkeypatch):
         ops.skip_out(x, F, sigma, EPS, SD)
     monkeypatch.setenv("CMFAST_BACKEND", "triton")
     assert ops.explain("skip_out", x, F, sigma, EPS, SD, backend="torch").backend == "torch"  # the argument wins
+
+
+@pytest.mark.parametrize("built", [pytest.param(True, marks=needs_ext), False])
+def test_cuda_is_a_deprecated_name_of_ext(built, monkeypatch):
+    if not built:
+        monkeypatch.setattr(ops.extension, "reason", lambda: NOT_BUILT)
+    args = (*skip_out_inputs(), EPS, SD)
+    if built:
+        with pytest.warns(DeprecationWarning, match='backend "cuda" \\(backend argument\\) is deprecated; use "ext"'):
+            assert ops.explain("skip_out", *args, backend="cuda") == ops.Choice("ext", {})
+        monkeypatch.setenv("CMFAST_BACKEND", "CUDA")
+        with pytest.warns(DeprecationWarning, match="CMFAST_BACKEND"):
+            assert ops.explain("skip_out", *args) == ops.Choice("ext", {})
+    else:
+        with pytest.warns(DeprecationWarning), pytest.raises(ops.BackendError, match="'ext' .*not built"):
+            ops.skip_out(*args, backend="cuda")
 
 
 def test_invalid_inputs_raise_for_every_backend():
@@ -205,7 +217,7 @@ def opcheck_cases(backend):
     [
         "torch",
         pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]),
-        pytest.param("cuda", marks=needs_ext),
+        pytest.param("ext", marks=needs_ext),
     ],
 )
 def test_opcheck(backend):
@@ -213,23 +225,45 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
+def registered_torch_ops():
+    """group_norm_silu, heun_step and skip_out as ops.* calls them, but through the registered custom ops' "torch"
+    implementation: ops.* with backend="torch" runs the plain references, which would leave no custom op to trace."""
+    T = torch.ops.cmfast
+    return (
+        lambda x, w, b, n, eps, scale, shift: T.group_norm_silu(x, w, b, scale, shift, n, eps, True, "torch")[0],
+        lambda x, F, sigma, sigma_next: T.heun_step(x, F, sigma, sigma_next, None, SD, False, "torch"),
+        lambda *args, clamp: T.skip_out(*args, clamp, "torch"),
+    )
+
+
+def dispatched_ops(backend):
+    """group_norm_silu, heun_step and skip_out through cmfast.ops with this backend (None: the automatic choice)."""
+    return (
+        lambda *a: ops.group_norm_silu(*a, backend=backend),
+        lambda *a: ops.heun_step(*a, backend=backend),
+        lambda *a, clamp: ops.skip_out(*a, clamp=clamp, backend=backend),
+    )
+
+
 @pytest.mark.parametrize(
     "backend",
     [
         "torch",
         pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter]),
-        pytest.param("cuda", marks=needs_ext),
+        pytest.param("ext", marks=needs_ext),
         None,
     ],
 )
 def test_torch_compile_traces_the_ops_in_one_graph(backend):
-    """A block that uses all three ops compiles with fullgraph=True; values and gradients match eager."""
+    """A block that uses all three ops compiles with fullgraph=True; values and gradients match eager. "torch" calls
+    the registered custom ops with their "torch" implementation, so that the custom ops are what is traced."""
+    group_norm_silu, heun_step, skip_out = registered_torch_ops() if backend == "torch" else dispatched_ops(backend)
 
     def block(x, w, b, scale, shift, sigma):
-        h = ops.group_norm_silu(x, w, b, 4, 1e-5, scale, shift, backend=backend)
+        h = group_norm_silu(x, w, b, 4, 1e-5, scale, shift)
         with torch.no_grad():
-            target = ops.heun_step(x.detach(), h.detach(), sigma, sigma / 2, backend=backend)
-        return ops.skip_out(x, h, sigma, EPS, SD, clamp=True, backend=backend), target
+            target = heun_step(x.detach(), h.detach(), sigma, sigma / 2)
+        return skip_out(x, h, sigma, EPS, SD, clamp=True), target
 
     x, w, b, scale, shift = gn_inputs(requires_grad=True)
     sigma = torch.tensor([0.5, 3.0])

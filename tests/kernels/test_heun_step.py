@@ -4,35 +4,26 @@ against cmfast.sampling.heun_step with a real EDM teacher.
 CPU runs go through Triton's interpreter (marker `triton`), CUDA runs use bigger shapes (marker `cuda`).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton decorates functions, so before it is imported
+from cmfast import ops
+from cmfast.kernels import heun_step as K
+from cmfast.preconditioning import EDMDenoiser, c_in, c_noise
+from cmfast.sampling import heun_step as heun_step_sampling
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from cmfast.kernels import heun_step as K  # noqa: E402
-from conftest import RecordingNet  # noqa: E402
-from kernel_rules import DEVICES, device, poisoned_outputs, within_rule  # noqa: E402, F401
-
-from cmfast import ops  # noqa: E402
-from cmfast.preconditioning import EDMDenoiser, c_in, c_noise  # noqa: E402
-from cmfast.sampling import heun_step as heun_step_sampling  # noqa: E402
-
 SD = 0.5
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-assert_within_rule = within_rule(FLOOR)
 SHAPES = {"cpu": [(3, 3, 7, 9), (1, 4, 5, 3)], "cuda": [(3, 3, 67, 129), (1, 192, 33, 31)]}
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clamp", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_both_passes_match_reference(device, dtype, clamp, channels_last):
+def test_both_passes_match_reference(device, dtype, clamp, channels_last, poisoned_outputs, within_rule):
+    assert_within_rule = within_rule(FLOOR)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for i, shape in enumerate(SHAPES[device]):
         g = torch.Generator().manual_seed(i)
@@ -51,11 +42,10 @@ def test_both_passes_match_reference(device, dtype, clamp, channels_last):
             assert_within_rule(out, ref, low, dtype, f"pass {1 if f_next is None else 2} {shape}")
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_two_calls_reproduce_the_teachers_heun_step(device):
+def test_two_calls_reproduce_the_teachers_heun_step(device, recording_net_class, poisoned_outputs):
     """The API around a real teacher: net at (x, t), pass 1, net at (x_e, s), pass 2 == sampling.heun_step(D, ...)."""
     torch.manual_seed(0)
-    net = RecordingNet(channels=3).to(device)
+    net = recording_net_class(channels=3).to(device)
     teacher = EDMDenoiser(net, sigma_data=SD)
     x = torch.randn(3, 3, 9, 7, device=device) * 5
     t = torch.tensor([5.0, 0.8, 40.0], device=device)

@@ -2,21 +2,15 @@
 outputs and input gradients up to float rounding, with the fused ops really running (Triton, through the CPU
 interpreter here), for ADM (GroupNorm+SiLU, scale-shift, attention) and DDPM++ (GroupNorm+SiLU)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cmfast import ops
+from cmfast.kernels import group_norm_silu as K
+from cmfast.kernels._common import interpreted
+from cmfast.networks import ADMConfig, SongUNetConfig, build_network, set_fused_ops
 
 pytest.importorskip("triton", reason="triton is not installed")
-
-from cmfast.kernels import group_norm_silu as K  # noqa: E402
-from conftest import perturb_  # noqa: E402
-
-from cmfast import ops  # noqa: E402
-from cmfast.networks import ADMConfig, SongUNetConfig, build_network, set_fused_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -53,12 +47,12 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_network_matches_the_reference(name):
-    if not torch.cuda.is_available() and not ops._interpreted(K):
+def test_fused_network_matches_the_reference(name, perturb, monkeypatch):
+    if not torch.cuda.is_available() and not interpreted(K):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
     config = CONFIGS[name]
     torch.manual_seed(0)
-    net = perturb_(build_network(config), scale=0.2).eval()
+    net = perturb(build_network(config), scale=0.2).eval()
     channels = config.in_channels
     x = torch.randn(2, channels, 8, 8)
     noise = torch.tensor([-0.5, 0.7]) * (250 if name.startswith("adm") else 1)
@@ -71,16 +65,21 @@ def test_fused_network_matches_the_reference(name):
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         return out.detach(), xi.grad
 
-    calls = []
-    original = ops.group_norm_silu
-    ops.group_norm_silu = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
+    calls = {"group_norm_silu": 0, "attention": 0}
+
+    def spy(op):
+        original = getattr(ops, op)
+        return lambda *a, **k: calls.update({op: calls[op] + 1}) or original(*a, **k)
+
+    with monkeypatch.context() as m:
+        for op in calls:
+            m.setattr(ops, op, spy(op))
         fused_out, fused_grad = run(True)
-    finally:
-        ops.group_norm_silu = original
     ref_out, ref_grad = run(False)
-    assert calls, "the fused path did not call cmfast.ops"
-    fused_backend = "cuda" if not ops._extension_reason() else "triton"  # the C++ extension comes first when built
+    assert calls["group_norm_silu"], "the fused path did not call cmfast.ops"
+    if name.startswith("adm"):
+        assert calls["attention"], "ADM's attention did not go through cmfast.ops.attention"
+    fused_backend = "ext" if not ops.extension.reason() else "triton"  # the C++ extension comes first when built
     assert ops.explain("group_norm_silu", torch.randn(1, 64, 3, 3), None, None).backend == fused_backend
     assert ref_out.abs().max() > 0.1
     torch.testing.assert_close(fused_out, ref_out, rtol=1e-4, atol=1e-4)

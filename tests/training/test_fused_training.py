@@ -9,6 +9,7 @@ import torch
 
 from cmfast import ops
 from cmfast.kernels import group_norm_silu as gn_kernels
+from cmfast.kernels._common import interpreted
 from cmfast.training.config import preset_config
 from cmfast.training.trainer import Trainer
 
@@ -30,7 +31,7 @@ def _run(config, run_dir, fused, steps):
 @pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=pytest.mark.triton)])
 def test_cd_run_through_fused_ops_follows_the_reference(tmp_path, teacher, backend, monkeypatch):
     if backend is not None:
-        if not ops._interpreted(gn_kernels):
+        if not interpreted(gn_kernels):
             pytest.skip("needs triton with TRITON_INTERPRET=1")
         monkeypatch.setenv("CMFAST_BACKEND", backend)
     x = torch.randn(2, 32, 4, 4)

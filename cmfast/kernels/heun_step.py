@@ -1,4 +1,4 @@
-"""The teacher's Heun step for consistency distillation, fused into two passes (issue 6, item 4).
+"""The teacher's Heun step for consistency distillation, fused into two passes.
 
 The teacher is an EDM denoiser D(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) (REFERENCE.md section 2), and
 its Heun step from t to s (section 4) evaluates the network F twice, so it takes two kernel launches around the
@@ -14,6 +14,9 @@ sample. Pass 2 recomputes d and x_e in float32 rather than reading them back: on
 so the step costs 2 reads + 1 write, then 3 reads + 1 write. Everything is computed in float32 and rounded once into
 x's dtype. Pass 1 alone is the Euler step. clamp=True clips each D to [-1, 1], as the official teacher sampler does.
 Teachers run without gradients, so there is no backward.
+
+The registered op cmfast::heun_step runs the C++/CUDA extension, this kernel or PyTorch, whichever backend cmfast.ops
+chose, with fake implementations for torch.compile.
 """
 
 from __future__ import annotations
@@ -23,19 +26,20 @@ from torch import Tensor
 
 from cmfast.preconditioning import edm_c_out, edm_c_skip
 
-from .skip_out import memory_format, per_sample_numel
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below still works; cmfast.ops reports why the Triton backend was skipped
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import (
+    GRID_LIMIT,
+    OFFSET_LIMIT,
+    compute_dtype,
+    dtype_reasons,
+    jit,
+    memory_format,
+    per_sample_numel,
+    tl,
+    triton,
+)
 
 BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements
 NUM_WARPS = 4
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- 1. PyTorch reference -------------------------------------------------------------------------------------------
 
@@ -52,7 +56,7 @@ def heun_step_ref(
     """Pass 1 (F_next None: the Euler point x_e) or pass 2 (the Heun estimate x_hat), in float32 (float64 for
     float64 x), returned in x's dtype. x, F, F_next: (B, ...); sigma, sigma_next: (B,) with sigma_next < sigma."""
     out_dtype = x.dtype
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = compute_dtype(out_dtype)
     shape = (-1, *[1] * (x.dim() - 1))
     t, s = sigma.to(compute).reshape(shape), sigma_next.to(compute).reshape(shape)
     x = x.to(compute)
@@ -72,7 +76,7 @@ def heun_step_ref(
 # --- 2. kernel -------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _denoised(x, f, sigma, sigma_data, CLAMP: tl.constexpr):
     """EDM's D = c_skip(sigma) x + c_out(sigma) F, optionally clipped to [-1, 1]."""
     sd2 = sigma_data * sigma_data
@@ -84,7 +88,7 @@ def _denoised(x, f, sigma, sigma_data, CLAMP: tl.constexpr):
     return D
 
 
-@_jit
+@jit
 def _heun_step_kernel(
     X,  # (B, n) the point at sigma, flat per sample
     F,  # (B, n) the network's raw output at (x, sigma), same layout
@@ -122,12 +126,10 @@ def _heun_step_kernel(
 
 def unsupported(x: Tensor, F: Tensor, F_next: Tensor | None) -> list[str]:
     """Why the Triton kernel cannot take these inputs (empty when it can). Shapes are checked by cmfast.ops."""
-    named = [("x", x), ("F", F)] + ([("F_next", F_next)] if F_next is not None else [])
-    reasons = [f"{name} is {t.dtype}; the kernel takes float32, bfloat16 or float16" for name, t in named
-               if t.dtype not in _DTYPES]  # fmt: skip
-    if x.shape[0] > 65535:
-        reasons.append(f"batch {x.shape[0]} is above the grid limit 65535")
-    if per_sample_numel(x) >= 2**31:
+    reasons = dtype_reasons({"x": x, "F": F, "F_next": F_next}, takes="the kernel takes")
+    if x.shape[0] > GRID_LIMIT:
+        reasons.append(f"batch {x.shape[0]} is above the grid limit {GRID_LIMIT}")
+    if per_sample_numel(x) >= OFFSET_LIMIT:
         reasons.append(f"{per_sample_numel(x)} elements per sample overflow the kernel's 32-bit offsets")
     return reasons
 
@@ -157,3 +159,41 @@ def heun_step_forward(
             float(sigma_data), HEUN=heun, CLAMP=bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return out
+
+
+# --- 4. registered op ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cmfast::heun_step", mutates_args=())
+def _heun_step_op(
+    x: Tensor,
+    F: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    F_next: Tensor | None,
+    sigma_data: float,
+    clamp: bool,
+    backend: str,
+) -> Tensor:
+    """Pass 1 or 2; backend: "ext" (the C++/CUDA extension's cmfast_ext::heun_step), "triton" or "torch"."""
+    if backend == "ext":
+        return torch.ops.cmfast_ext.heun_step(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
+    if backend == "triton":
+        return heun_step_forward(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
+    out = heun_step_ref(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
+    return out.contiguous(memory_format=memory_format(x))
+
+
+@_heun_step_op.register_fake
+def _(x, F, sigma, sigma_next, F_next, sigma_data, clamp, backend):
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def _ext_fake(x, F, sigma, sigma_next, F_next, sigma_data, clamp):
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def register_ext_fakes() -> None:
+    """Register the fake implementation of the extension's cmfast_ext::heun_step (schema in csrc/ops.cpp), so
+    torch.compile traces it; cmfast.ops calls this once, after loading the extension."""
+    torch.library.register_fake("cmfast_ext::heun_step", _ext_fake)

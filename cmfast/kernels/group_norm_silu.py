@@ -1,4 +1,4 @@
-"""GroupNorm + SiLU, GroupNorm alone and ADM's scale-shift form in one fused op: forward and backward (issue 6, item 1).
+"""GroupNorm + SiLU, GroupNorm alone and ADM's scale-shift form in one fused op: forward and backward.
 
     y = act(xhat a + t),  xhat = (x - mean_g) rstd_g,  a = weight (1 + scale),  t = bias (1 + scale) + shift
 
@@ -7,16 +7,22 @@ act is SiLU (or the identity for silu=False); scale and shift are ADM's per-(sam
 float32 whatever x's dtype (float32, bfloat16 or float16), and y is rounded once. x is (B, C, *spatial), NCHW-
 contiguous or channels_last; a group is C / G channels by H x W positions, addressed as a [BLOCK_C, BLOCK_P] tile.
 
-Two paths, picked by the launcher from the group's padded size:
+Three forward paths, picked by the launcher from the layout and the group's padded size:
 - fused: one program per (sample, group) holds the whole group: x is read once, y written once (and mean, rstd).
-- split: a larger group is cut into chunks of H x W. A first kernel writes each chunk's mean and centred sum of
-  squares, they are merged with Chan et al.'s parallel-variance formula in float32, and a second kernel normalizes:
-  x is read twice, y written once.
-The backward follows the same split. With dz = dy act'(xhat a + t) and the per-(sample, channel) sums
+- flat (NCHW, groups too big for one tile): a group is one contiguous span, which one program walks twice in
+  FLAT_BLOCK steps, statistics merged step by step with Chan et al.'s parallel-variance formula, then normalize and
+  write: x is read twice (the second time mostly from L2), y written once, no channel padding.
+- split (channels_last, groups too big for one tile): a group is cut into chunks of H x W. A first kernel writes each
+  chunk's mean and centred sum of squares, they are merged with Chan et al.'s formula in float32, and a second kernel
+  normalizes: x is read twice, y written once.
+The backward has the fused and split paths. With dz = dy act'(xhat a + t) and the per-(sample, channel) sums
 sum_a = sum over H x W of dz xhat and sum_b = sum over H x W of dz, it computes
 dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)), the group means being sum_c a sum_b / n and
 sum_c a sum_a / n, and from the sums the parameter gradients (summed over the batch for weight and bias):
 dweight = sum_a (1 + scale), dbias = sum_b (1 + scale), dscale = sum_a weight + sum_b bias, dshift = sum_b.
+
+The registered op cmfast::group_norm_silu (and cmfast::group_norm_silu_backward) runs the C++/CUDA extension, these
+kernels or PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile.
 """
 
 from __future__ import annotations
@@ -27,27 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .skip_out import memory_format, per_sample_numel
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below still works; cmfast.ops reports why the Triton backend was skipped
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import (
+    GRID_LIMIT,
+    OFFSET_LIMIT,
+    compute_dtype,
+    dtype_reasons,
+    ext_has_kernel,
+    jit,
+    memory_format,
+    per_sample_numel,
+    tl,
+)
 
 MAX_FUSED_FWD = 32768  # padded group elements one forward program holds (16 warps: 64 float32 per thread)
 MAX_FUSED_BWD = 16384  # the backward keeps x, dy and dz live, so it splits earlier
 CHUNK = 4096  # padded elements per program in the split path
 FLAT_BLOCK, FLAT_WARPS = 2048, 8  # the NCHW looped forward's step and warps
-# NCHW groups too big for one tile take the looped forward instead of the split path. On an H100 (2026-11-26, bf16,
-# batch 256) the looped forward lost to the one-tile path at ADM-64's 192x64x64 (0.433 vs 0.416 ms) and 384x32x32
-# (0.206 vs 0.165 ms), so it is used only where the alternative is the split path's three passes.
+# NCHW groups too big for one tile take the looped forward; below that the one-tile path is faster (measured in
+# bench/README.md), so the looped one only replaces the split path's three passes.
 FLAT_ABOVE = MAX_FUSED_FWD
-FWD_PATH = "auto"  # or "flat" / "tile": force a forward path (benchmarks, tests)
+FORWARD_PATHS = ("auto", "flat", "tile")  # the launcher's `path`: "flat" and "tile" force one (benchmarks, tests)
 MAX_CHANNELS_PER_GROUP = 4096
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- 1. PyTorch reference -------------------------------------------------------------------------------------------
 
@@ -62,10 +68,10 @@ def group_norm_silu_ref(
     shift: Tensor | None = None,
     silu: bool = True,
 ) -> Tensor:
-    """What the networks compute today: GroupNorm in float32 (ADM's GroupNorm32) cast back to x's dtype, then
+    """What the unfused networks compute: GroupNorm in float32 (ADM's GroupNorm32) cast back to x's dtype, then
     `* (1 + scale) + shift` and SiLU in x's dtype. x: (B, C, *spatial); weight, bias: (C,); scale, shift: B x C
     values (e.g. (B, C, 1, 1))."""
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = compute_dtype(x.dtype)
     w = weight.to(compute) if weight is not None else None
     b = bias.to(compute) if bias is not None else None
     h = F.group_norm(x.to(compute), num_groups, w, b, eps).to(x.dtype)
@@ -78,7 +84,7 @@ def group_norm_silu_ref(
 # --- 2. kernels ------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Sample b, channels c, the channel mask, and offsets and mask of chunk `chunk` of group pid % G."""
     b = pid // G
@@ -91,7 +97,7 @@ def _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C: tl.cons
     return b, c, cmask, offs, mask
 
 
-@_jit
+@jit
 def _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT: tl.constexpr):
     """Per-channel a = weight (1 + scale) and t = bias (1 + scale) + shift (0 on masked channels)."""
     a = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
@@ -103,7 +109,7 @@ def _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, 
     return a, t
 
 
-@_jit
+@jit
 def _gn_fwd_kernel(
     X,  # (B, C, HW) input, element (b, c, p) at b stride_b + c stride_c + p stride_p
     Y,  # output, same layout, written once
@@ -151,7 +157,7 @@ def _gn_fwd_kernel(
     tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _gn_fwd_flat_kernel(
     X,  # (B, C, HW) NCHW-contiguous input: group pid is the n = cpg HW elements from pid n on
     Y,  # output, same layout, written once
@@ -210,7 +216,7 @@ def _gn_fwd_flat_kernel(
         tl.store(Y + base + i, z.to(Y.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _gn_stats_kernel(
     X,  # (B, C, HW) input, as in _gn_fwd_kernel
     PartMean,  # (B G, n_chunks) float32 chunk means
@@ -234,7 +240,7 @@ def _gn_stats_kernel(
     tl.store(PartM2 + pid * tl.num_programs(1) + chunk, tl.sum(xc * xc))
 
 
-@_jit
+@jit
 def _gn_bwd_dz(X, DY, offs, mask, mean, rstd, a, t, SILU: tl.constexpr):
     """xhat and dz = dy act'(xhat a + t) on one tile, both 0 outside the mask."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -247,7 +253,7 @@ def _gn_bwd_dz(X, DY, offs, mask, mean, rstd, a, t, SILU: tl.constexpr):
     return xhat, tl.where(mask, dy, 0.0)
 
 
-@_jit
+@jit
 def _gn_bwd_sums_kernel(
     X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
     DY,  # gradient of y, same layout
@@ -283,7 +289,7 @@ def _gn_bwd_sums_kernel(
     tl.store(PartB + out, tl.sum(dz, axis=1))
 
 
-@_jit
+@jit
 def _gn_bwd_dx_kernel(
     X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
     DY,  # gradient of y, same layout
@@ -338,15 +344,13 @@ def _gn_bwd_dx_kernel(
 
 def unsupported(x: Tensor, num_groups: int) -> list[str]:
     """Why the Triton kernels cannot take these inputs (empty when they can). Shapes are checked by cmfast.ops."""
-    reasons = []
-    if x.dtype not in _DTYPES:
-        reasons.append(f"x is {x.dtype}; the kernels take float32, bfloat16 or float16")
+    reasons = dtype_reasons({"x": x})
     cpg = x.shape[1] // num_groups
     if cpg > MAX_CHANNELS_PER_GROUP:
         reasons.append(f"{cpg} channels per group exceed {MAX_CHANNELS_PER_GROUP}")
-    elif _plan(cpg, _hw(x), 1)[2] > 65535:
+    elif _plan(cpg, _hw(x), 1)[2] > GRID_LIMIT:
         reasons.append(f"{_hw(x)} positions per channel need more chunks than the grid allows")
-    if per_sample_numel(x) >= 2**31:
+    if per_sample_numel(x) >= OFFSET_LIMIT:
         reasons.append(f"{per_sample_numel(x)} elements per sample overflow the kernels' 32-bit offsets")
     return reasons
 
@@ -364,12 +368,13 @@ def _plan(cpg: int, hw: int, max_fused: int) -> tuple[int, int, int]:
     return block_c, block_p, -(-hw // block_p)
 
 
-def _forward_path(fmt: torch.memory_format, padded_group: int, n_chunks: int) -> str:
-    """ "flat" (NCHW: the looped kernel over the contiguous group), "fused" (one tile per group) or "split". FWD_PATH
-    forces one where the layout allows it (benchmarks and tests compare them)."""
-    if FWD_PATH != "auto":
-        return "flat" if FWD_PATH == "flat" and fmt != torch.channels_last else ("fused" if n_chunks == 1 else "split")
-    if fmt != torch.channels_last and padded_group > FLAT_ABOVE:
+def _forward_path(fmt: torch.memory_format, padded_group: int, n_chunks: int, path: str = "auto") -> str:
+    """ "flat" (NCHW: the looped kernel over the contiguous group), "fused" (one tile per group) or "split". path
+    "flat" or "tile" forces the looped or the tiled kernels where the layout allows it."""
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"unknown forward path {path!r}; expected one of {', '.join(FORWARD_PATHS)}")
+    flat_layout = fmt != torch.channels_last  # the looped kernel walks a group's contiguous NCHW span
+    if flat_layout and (path == "flat" or path == "auto" and padded_group > FLAT_ABOVE):
         return "flat"
     return "fused" if n_chunks == 1 else "split"
 
@@ -407,9 +412,11 @@ def group_norm_silu_forward(
     num_groups: int,
     eps: float,
     silu: bool,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward. x: (B, C, *spatial); weight, bias: (C,); scale, shift: (B, C) (any strides) or None.
-    Returns y (x's dtype and layout) and the float32 (B, G) mean and rstd the backward needs."""
+    Returns y (x's dtype and layout) and the float32 (B, G) mean and rstd the backward needs. path: "auto" picks
+    the kernels by layout and group size; "flat" (NCHW only) or "tile" forces one (see FORWARD_PATHS)."""
     _check(x, num_groups)
     x, fmt, hw, strides, ss = _layout(x, scale, shift)
     B, C, G = x.shape[0], x.shape[1], num_groups
@@ -422,7 +429,7 @@ def group_norm_silu_forward(
                 num_warps=_num_warps(block_c, block_p))  # fmt: skip
     if y.numel() == 0:
         return y, x.new_zeros((B, G), dtype=torch.float32), x.new_zeros((B, G), dtype=torch.float32)
-    if _forward_path(fmt, block_c * _next_power_of_2(hw), n_chunks) == "flat":
+    if _forward_path(fmt, block_c * _next_power_of_2(hw), n_chunks, path) == "flat":
         mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         _gn_fwd_flat_kernel[(B * G,)](
@@ -519,3 +526,136 @@ def param_grads(sum_a: Tensor, sum_b: Tensor, weight: Tensor, bias: Tensor, scal
         dscale.to(scale.dtype),
         sum_b.to(shift.dtype),
     )
+
+
+# --- 4. registered op ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cmfast::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); mean and rstd are the (B, G) statistics the backward reuses. backend: "ext" (the C++/CUDA
+    extension's cmfast_ext::group_norm_silu), "triton" or "torch"."""
+    if backend == "ext":
+        return torch.ops.cmfast_ext.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu)
+    if backend == "triton":
+        return group_norm_silu_forward(x, weight, bias, scale, shift, num_groups, eps, silu)
+    y = group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu)
+    xg = x.to(compute_dtype(x.dtype)).reshape(x.shape[0], num_groups, -1)
+    var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    return y.contiguous(memory_format=memory_format(x)), mean, torch.rsqrt(var + eps)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
+
+
+def group_norm_silu_backward_torch(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
+    """The kernels' backward (see the module docstring) in PyTorch, in float32 (float64 for float64), from the
+    forward's (B, G) statistics: the registered backward's torch implementation."""
+    compute = compute_dtype(x.dtype)
+    B, C = x.shape[:2]
+    groups = (B, num_groups, -1)
+    xhat = ((x.to(compute).reshape(groups) - mean[..., None]) * rstd[..., None]).reshape(B, C, -1)
+    a, t = weight.to(compute).expand(B, C), bias.to(compute).expand(B, C)
+    if scale is not None:
+        s1 = 1 + scale.to(compute)
+        a, t = a * s1, t * s1 + shift.to(compute)
+    dz = dy.to(compute).reshape(B, C, -1)
+    if silu:
+        z = xhat * a[..., None] + t[..., None]
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    sum_a, sum_b = (dz * xhat).sum(-1), dz.sum(-1)
+    n = xhat[0].numel() // num_groups
+    mean_dxhat = (a * sum_b).reshape(groups).sum(-1, keepdim=True) / n
+    mean_dxhat_xhat = (a * sum_a).reshape(groups).sum(-1, keepdim=True) / n
+    dxhat = (dz * a[..., None]).reshape(groups)
+    dx = rstd[..., None] * (dxhat - mean_dxhat - xhat.reshape(groups) * mean_dxhat_xhat)
+    dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format(x))
+    return (dx, *param_grads(sum_a, sum_b, weight, bias, scale, shift))
+
+
+@torch.library.custom_op("cmfast::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    silu: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); dscale and dshift are empty without the scale-shift form. The "ext"
+    backend runs the extension's backward where it has one (CPU), else the PyTorch one on its forward's statistics."""
+    if backend == "ext" and ext_has_kernel("group_norm_silu_backward", x.device.type):
+        dx, sum_a, sum_b = torch.ops.cmfast_ext.group_norm_silu_backward(
+            dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu
+        )
+        grads = (dx, *param_grads(sum_a, sum_b, weight, bias, scale, shift))
+    elif backend == "triton":
+        grads = group_norm_silu_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu)
+    else:
+        grads = group_norm_silu_backward_torch(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu, backend):
+    dx = torch.empty_like(x, memory_format=memory_format(x))
+    dw, db = weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+    if scale is None:
+        return dx, dw, db, x.new_empty(0), x.new_empty(0)
+    return dx, dw, db, scale.new_empty(scale.shape), shift.new_empty(shift.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, silu, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dscale, dshift = torch.ops.cmfast.group_norm_silu_backward(
+        dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend
+    )
+    if scale is None:
+        dscale = dshift = None
+    return dx, dw, db, dscale, dshift, None, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _ext_forward_fake(x, weight, bias, scale, shift, num_groups, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
+
+
+def _ext_backward_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
+    sums = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=memory_format(x)), sums, torch.empty_like(sums)
+
+
+def register_ext_fakes() -> None:
+    """Register the fake implementations of the extension's cmfast_ext::group_norm_silu and its backward (schemas in
+    csrc/ops.cpp), so torch.compile traces them; cmfast.ops calls this once, after loading the extension."""
+    torch.library.register_fake("cmfast_ext::group_norm_silu", _ext_forward_fake)
+    torch.library.register_fake("cmfast_ext::group_norm_silu_backward", _ext_backward_fake)

@@ -1,4 +1,4 @@
-"""Multi-head self-attention of the U-Nets' attention blocks, flash-style: forward and backward (issue 6, item 2).
+"""Multi-head self-attention of the U-Nets' attention blocks, flash-style: forward and backward.
 
     out_h = softmax(q_h^T k_h / sqrt(D)) v_h^T,  per sample and head h, over the T positions
 
@@ -13,6 +13,9 @@ Backward (recomputing P = exp(S - lse) block by block): delta = rowsum(dO * O); 
 accumulates dV = P^T dO and dK = scale dS^T Q, one per query block accumulates dQ = scale dS K, with
 dS = P (dO V^T - delta). dq, dk and dv are written into one (B, 3 H D, T) tensor, the gradient of qkv.
 Any T (the tail blocks are masked) and any head dim up to 256 (padded to a power of two of at least 16, masked).
+
+The registered op cmfast::attention (and cmfast::attention_backward) runs these kernels or PyTorch, whichever backend
+cmfast.ops chose, with fake implementations for torch.compile; the C++/CUDA extension has no attention kernel.
 """
 
 from __future__ import annotations
@@ -21,23 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below still works; cmfast.ops reports why the Triton backend was skipped
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import GRID_LIMIT, OFFSET_LIMIT, compute_dtype, dtype_reasons, jit, tl, triton
 
 MAX_HEAD_DIM = 256
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 
 # --- 1. PyTorch reference -------------------------------------------------------------------------------------------
 
 
 def attention_ref(qkv: Tensor, num_heads: int) -> Tensor:
-    """What the networks compute today (adm.qkv_attention, layout "3hd"): qkv (B, 3 H D, T) with channels
+    """What the unfused networks compute (adm.qkv_attention, layout "3hd"): qkv (B, 3 H D, T) with channels
     (3, heads, head_dim) -> (B, H D, T) with channels (head, d); softmax scale 1/sqrt(D)."""
     B, width, T = qkv.shape
     D = width // (3 * num_heads)
@@ -49,7 +45,7 @@ def attention_ref(qkv: Tensor, num_heads: int) -> Tensor:
 # --- 2. kernels ------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _tile(Base, c0, t0, T, D, s_c, s_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Load channels c0 + d (d < D) at positions t0 + i (< T) of one sample as a [BLOCK_T, BLOCK_D] tile, or
     [BLOCK_D, BLOCK_T] when TRANSPOSED; 0 outside. Also returns the positions and their mask."""
@@ -63,7 +59,7 @@ def _tile(Base, c0, t0, T, D, s_c, s_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.const
     return x, t, tmask
 
 
-@_jit
+@jit
 def _store_tile(Base, x, c0, t0, T, D, s_c, s_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store a [BLOCK_T, BLOCK_D] tile at channels c0 + d, positions t0 + i, within D and T."""
     t = t0 + tl.arange(0, BLOCK_T)
@@ -72,7 +68,7 @@ def _store_tile(Base, x, c0, t0, T, D, s_c, s_t, BLOCK_T: tl.constexpr, BLOCK_D:
     tl.store(Base + (c0 + d)[None, :] * s_c + t[:, None] * s_t, x.to(Base.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b accumulated in float32. UPCAST multiplies as float32, which is exact for bfloat16 products, as the
     tensor cores' bfloat16 products are: Triton 3.8's interpreter returns garbage for a bfloat16 tl.dot."""
@@ -81,7 +77,7 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-@_jit
+@jit
 def _attn_fwd_kernel(
     QKV,  # (B, 3 H D, T) input: q, k, v of head h at channels h D + d, (H + h) D + d, (2 H + h) D + d
     Out,  # (B, H D, T) output, channel h D + d; written once
@@ -126,7 +122,7 @@ def _attn_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * T + tq, lse, mask=qmask)
 
 
-@_jit
+@jit
 def _attn_bwd_delta_kernel(
     Out,  # (B, H D, T) forward output
     DOut,  # (B, H D, T) its gradient
@@ -150,7 +146,7 @@ def _attn_bwd_delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=tmask)
 
 
-@_jit
+@jit
 def _attn_bwd_dkdv_kernel(
     QKV,  # (B, 3 H D, T) forward input, as in _attn_fwd_kernel
     DOut,  # (B, H D, T) gradient of the output
@@ -200,7 +196,7 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(gbase, dv, (2 * H + h) * D, pid_n * BLOCK_N, T, D, g_c, g_t, BLOCK_N, BLOCK_D)
 
 
-@_jit
+@jit
 def _attn_bwd_dq_kernel(
     QKV,  # (B, 3 H D, T) forward input, as in _attn_fwd_kernel
     DOut,  # (B, H D, T) gradient of the output
@@ -250,17 +246,15 @@ def _attn_bwd_dq_kernel(
 
 def unsupported(qkv: Tensor, num_heads: int) -> list[str]:
     """Why the Triton kernels cannot take these inputs (empty when they can). Shapes are checked by cmfast.ops."""
-    reasons = []
-    if qkv.dtype not in _DTYPES:
-        reasons.append(f"qkv is {qkv.dtype}; the kernels take float32, bfloat16 or float16")
+    reasons = dtype_reasons({"qkv": qkv})
     B, width, T = qkv.shape
     head_dim = width // (3 * num_heads)
     if head_dim > MAX_HEAD_DIM:
         reasons.append(f"head dim {head_dim} is above {MAX_HEAD_DIM}")
-    if B * num_heads > 65535:
-        reasons.append(f"{B} samples x {num_heads} heads are above the grid limit 65535")
+    if B * num_heads > GRID_LIMIT:
+        reasons.append(f"{B} samples x {num_heads} heads are above the grid limit {GRID_LIMIT}")
     span = max((width - 1) * abs(qkv.stride(1)) + (T - 1) * abs(qkv.stride(2)) + 1, width * T)
-    if span >= 2**31 or B * num_heads * T >= 2**31:
+    if span >= OFFSET_LIMIT or B * num_heads * T >= OFFSET_LIMIT:
         reasons.append(f"{width} x {T} elements per sample overflow the kernels' 32-bit offsets")
     return reasons
 
@@ -275,9 +269,8 @@ def _blocks(block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim: wide heads take smaller blocks and fewer
     pipeline stages so the tiles fit in registers and the prefetched key and value tiles in shared memory.
 
-    Query and key blocks are kept equal: on an H100 (Triton 3.6, 2026-11-26) every CUDA test with unequal blocks
-    failed (head dim 128 with (64, 32), and forced (16, 32) and (32, 16)) while every test with equal blocks passed;
-    the interpreter passes both. Not diagnosed yet (see tests/kernels/test_attention.py::test_unequal_blocks)."""
+    Query and key blocks are kept equal: with unequal ones the CUDA tests fail under Triton 3.6 (the interpreter
+    passes both), for a reason not found yet; tests/kernels/test_attention.py::test_unequal_blocks tracks it."""
     if block_d <= 64:
         return 64, 64, 4, 3
     if block_d <= 128:
@@ -338,10 +331,13 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     return dqkv
 
 
+# --- 4. registered op ------------------------------------------------------------------------------------------------
+
+
 def attention_backward_torch(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int) -> Tensor:
     """The kernels' backward in PyTorch (float32, float64 for float64), materializing the T x T scores: the
     registered op's torch implementation, for opcheck and as the kernels' specification."""
-    compute = torch.promote_types(qkv.dtype, torch.float32)
+    compute = compute_dtype(qkv.dtype)
     B, width, T = qkv.shape
     H, D = num_heads, width // (3 * num_heads)
     q, k, v = qkv.to(compute).reshape(B, 3, H, D, T).unbind(1)  # (B, H, D, T)
@@ -357,8 +353,52 @@ def attention_backward_torch(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor
 
 def attention_lse_torch(qkv: Tensor, num_heads: int) -> Tensor:
     """The (B, H, T) log-sum-exp of each query's scaled scores, in float32 (float64 for float64)."""
-    compute = torch.promote_types(qkv.dtype, torch.float32)
+    compute = compute_dtype(qkv.dtype)
     B, width, T = qkv.shape
     D = width // (3 * num_heads)
     q, k, _ = qkv.to(compute).reshape(B, 3, num_heads, D, T).unbind(1)
     return torch.logsumexp(torch.einsum("bhdi,bhdj->bhij", q, k) * D**-0.5, dim=-1)
+
+
+@torch.library.custom_op("cmfast::attention", mutates_args=())
+def _attention_op(qkv: Tensor, num_heads: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse); lse is the (B, H, T) log-sum-exp of each query's scaled scores, which the backward reuses.
+    backend: "triton" or "torch"."""
+    if backend == "triton":
+        return attention_forward(qkv, num_heads)
+    return attention_ref(qkv, num_heads).contiguous(), attention_lse_torch(qkv, num_heads)
+
+
+@_attention_op.register_fake
+def _(qkv, num_heads, backend):
+    B, width, T = qkv.shape
+    out = qkv.new_empty((B, width // 3, T))
+    return out, qkv.new_empty((B, num_heads, T), dtype=compute_dtype(qkv.dtype))
+
+
+@torch.library.custom_op("cmfast::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
+    """The gradient of qkv, (B, 3 H D, T) in qkv's dtype."""
+    if backend == "triton":
+        return attention_backward(dout, qkv, out, lse, num_heads)
+    return attention_backward_torch(dout, qkv, out, lse, num_heads)
+
+
+@_attention_backward_op.register_fake
+def _(dout, qkv, out, lse, num_heads, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.backend = num_heads, backend
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return torch.ops.cmfast.attention_backward(dout, qkv, out, lse, ctx.num_heads, ctx.backend), None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""Skip/out combination of the consistency function, fused: forward and backward (issue 6, item 3).
+"""Skip/out combination of the consistency function, fused: forward and backward.
 
     out = c_skip(sigma) x + c_out(sigma) F,  optionally clamped to [-1, 1]
 
@@ -7,6 +7,9 @@ from each sample's sigma in float32, so f(x, sigma_min) == x exactly. x and F ar
 each program handles one block of one sample, so sigma and the coefficients are loaded and computed once per block.
 Memory traffic: forward reads x and F once and writes out once; backward reads the gradient (and x and F only when
 clamping, to recompute the clamp's mask) and writes dx and dF once.
+
+The registered op cmfast::skip_out (and cmfast::skip_out_backward) runs the C++/CUDA extension, these kernels or
+PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ from torch import Tensor
 
 from cmfast.preconditioning import cm_c_out, cm_c_skip
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference below still works; cmfast.ops reports why the Triton backend was skipped
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import (
+    GRID_LIMIT,
+    OFFSET_LIMIT,
+    compute_dtype,
+    dtype_reasons,
+    jit,
+    memory_format,
+    per_sample_numel,
+    tl,
+    triton,
+)
 
 BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements
 NUM_WARPS = 4
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- 1. PyTorch reference -------------------------------------------------------------------------------------------
 
@@ -37,7 +43,7 @@ def skip_out_ref(x: Tensor, F: Tensor, sigma: Tensor, sigma_min: float, sigma_da
     x, F: (B, ...); sigma: (B,) noise levels. This is `ConsistencyModel`'s combination, then the sampler's clamp.
     """
     out_dtype = torch.promote_types(x.dtype, F.dtype)
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = compute_dtype(out_dtype)
     s = sigma.to(compute).reshape(-1, *[1] * (x.dim() - 1))
     out = cm_c_skip(s, sigma_min, sigma_data) * x.to(compute) + cm_c_out(s, sigma_min, sigma_data) * F.to(compute)
     return (out.clamp(-1, 1) if clamp else out).to(out_dtype)
@@ -46,7 +52,7 @@ def skip_out_ref(x: Tensor, F: Tensor, sigma: Tensor, sigma_min: float, sigma_da
 # --- 2. kernels ------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _cm_coefficients(sigma, sigma_min, sigma_data):
     """c_skip, c_out of the consistency function (Appendix C): 1 and 0 at sigma == sigma_min."""
     sd2 = sigma_data * sigma_data
@@ -55,7 +61,7 @@ def _cm_coefficients(sigma, sigma_min, sigma_data):
     return c_skip, c_out
 
 
-@_jit
+@jit
 def _skip_out_fwd_kernel(
     X,  # (B, n) input of the consistency function, any float dtype, flat per sample
     F,  # (B, n) raw network output, same layout as X
@@ -82,7 +88,7 @@ def _skip_out_fwd_kernel(
     tl.store(Out + base + offs, out.to(Out.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _skip_out_bwd_kernel(
     Grad,  # (B, n) gradient of the output
     X,  # (B, n) forward input x; read only when CLAMP
@@ -116,26 +122,12 @@ def _skip_out_bwd_kernel(
 # --- 3. launchers ----------------------------------------------------------------------------------------------------
 
 
-def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for 4-D tensors stored that way, else contiguous: the two layouts every fused op addresses
-    (its inputs are made contiguous in that format, and its outputs are allocated in it)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def per_sample_numel(x: Tensor) -> int:
-    """Elements per sample of a (B, ...) tensor; in either layout, sample b is the b-th run of this many."""
-    return x.numel() // x.shape[0] if x.shape[0] else 0
-
-
 def unsupported(x: Tensor, F: Tensor, sigma: Tensor) -> list[str]:
     """Why the Triton kernels cannot take these inputs (empty when they can). Shapes are checked by cmfast.ops."""
-    reasons = [f"{name} is {t.dtype}; the kernels take float32, bfloat16 or float16"
-               for name, t in (("x", x), ("F", F)) if t.dtype not in _DTYPES]  # fmt: skip
-    if x.shape[0] > 65535:
-        reasons.append(f"batch {x.shape[0]} is above the grid limit 65535")
-    if per_sample_numel(x) >= 2**31:
+    reasons = dtype_reasons({"x": x, "F": F})
+    if x.shape[0] > GRID_LIMIT:
+        reasons.append(f"batch {x.shape[0]} is above the grid limit {GRID_LIMIT}")
+    if per_sample_numel(x) >= OFFSET_LIMIT:
         reasons.append(f"{per_sample_numel(x)} elements per sample overflow the kernels' 32-bit offsets")
     return reasons
 
@@ -186,3 +178,88 @@ def skip_out_backward(
             CLAMP=bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return dx, dF
+
+
+# --- 4. registered op ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cmfast::skip_out", mutates_args=())
+def _skip_out_op(
+    x: Tensor, F: Tensor, sigma: Tensor, sigma_min: float, sigma_data: float, clamp: bool, backend: str
+) -> Tensor:
+    """The forward; backend: "ext" (the C++/CUDA extension's cmfast_ext::skip_out), "triton" or "torch"."""
+    if backend == "ext":
+        return torch.ops.cmfast_ext.skip_out(x, F, sigma, sigma_min, sigma_data, clamp)
+    if backend == "triton":
+        return skip_out_forward(x, F, sigma, sigma_min, sigma_data, clamp)
+    return skip_out_ref(x, F, sigma, sigma_min, sigma_data, clamp).contiguous(memory_format=memory_format(x))
+
+
+@_skip_out_op.register_fake
+def _(x, F, sigma, sigma_min, sigma_data, clamp, backend):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, F.dtype), memory_format=memory_format(x))
+
+
+def skip_out_backward_torch(
+    grad: Tensor, sigma: Tensor, x: Tensor, F: Tensor, sigma_min: float, sigma_data: float, clamp: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The kernels' backward in PyTorch, in float32 (float64 for float64): (dx, dF) = (c_skip grad, c_out grad),
+    masked as torch.clamp's backward when clamping, in the dtypes of x and F and x's memory format."""
+    compute = compute_dtype(grad.dtype)
+    s = sigma.to(compute).reshape(-1, *[1] * (x.dim() - 1))
+    g = grad.to(compute)
+    if clamp:
+        out = cm_c_skip(s, sigma_min, sigma_data) * x.to(compute) + cm_c_out(s, sigma_min, sigma_data) * F.to(compute)
+        g = g * ((out > -1) & (out < 1))  # as torch.clamp's backward
+    fmt = memory_format(x)
+    dx = (cm_c_skip(s, sigma_min, sigma_data) * g).to(x.dtype).contiguous(memory_format=fmt)
+    return dx, (cm_c_out(s, sigma_min, sigma_data) * g).to(F.dtype).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("cmfast::skip_out_backward", mutates_args=())
+def _skip_out_backward_op(
+    grad: Tensor,
+    sigma: Tensor,
+    x: Tensor,
+    F: Tensor,
+    sigma_min: float,
+    sigma_data: float,
+    clamp: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dF) in the dtypes of x and F and x's memory format; x and F are only read when clamping. The extension
+    has no backward: its forward's gradient comes from the PyTorch one."""
+    if backend == "triton":
+        return skip_out_backward(grad, sigma, x, F, sigma_min, sigma_data, clamp)
+    return skip_out_backward_torch(grad, sigma, x, F, sigma_min, sigma_data, clamp)
+
+
+@_skip_out_backward_op.register_fake
+def _(grad, sigma, x, F, sigma_min, sigma_data, clamp, backend):
+    fmt = memory_format(x)
+    return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, dtype=F.dtype, memory_format=fmt)
+
+
+def _setup_context(ctx, inputs, output):
+    x, F, sigma, sigma_min, sigma_data, clamp, backend = inputs
+    ctx.save_for_backward(x, F, sigma)
+    ctx.args = (sigma_min, sigma_data, clamp, backend)
+
+
+def _backward(ctx, grad):
+    x, F, sigma = ctx.saved_tensors
+    dx, dF = torch.ops.cmfast.skip_out_backward(grad, sigma, x, F, *ctx.args)
+    return dx, dF, None, None, None, None, None
+
+
+_skip_out_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _ext_fake(x, F, sigma, sigma_min, sigma_data, clamp):
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def register_ext_fakes() -> None:
+    """Register the fake implementation of the extension's cmfast_ext::skip_out (schema in csrc/ops.cpp), so
+    torch.compile traces it; cmfast.ops calls this once, after loading the extension."""
+    torch.library.register_fake("cmfast_ext::skip_out", _ext_fake)

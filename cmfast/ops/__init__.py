@@ -1,0 +1,240 @@
+"""The fused ops and their dispatch: GroupNorm+SiLU, attention, the skip/out combination and the Heun step.
+
+Every op takes backend=None|"ext"|"triton"|"torch". With None, the first backend that can take the inputs runs, in the
+order ext (the C++/CUDA extension cmfast._C: CPU kernels for every op but attention, and a CUDA kernel for
+GroupNorm+SiLU on channels_last tensors), triton, torch; the environment variable CMFAST_BACKEND sets the backend for
+every call that passes None ("auto" or empty keeps the automatic choice). Each skipped backend has a reason (`explain`
+returns them), and a backend that was asked for and cannot take the inputs raises BackendError with its reasons.
+Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is first imported (Triton picks
+the interpreter when it decorates a function, its own library's included). "cuda", the extension backend's former
+name, still selects "ext", with a DeprecationWarning.
+
+The torch backend is the plain reference (`cmfast.kernels.<op>.<op>_ref`, the networks' and samplers' own math, e.g.
+ADM's GroupNorm32), differentiated by autograd and fused by torch.compile. The fused backends run through the custom
+ops that the kernel files register with torch.library (cmfast::group_norm_silu, cmfast::skip_out, cmfast::heun_step,
+cmfast::attention and the backwards), with fake implementations, so torch.compile traces models that use them. The
+backend is an argument of those ops; their "torch" implementation lets `torch.library.opcheck` check the registration
+on any machine. This package checks the arguments, chooses the backend (dispatch.py) and loads the extension
+(extension.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import attention as _attention
+from ..kernels import group_norm_silu as _group_norm_silu
+from ..kernels import heun_step as _heun_step
+from ..kernels import skip_out as _skip_out
+from . import extension
+from .dispatch import BACKENDS, BackendError, Choice, choose, triton_input_reasons
+
+__all__ = ["BACKENDS", "BackendError", "Choice", "attention", "explain", "group_norm_silu", "heun_step", "skip_out"]
+
+
+def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
+    """The backend `cmfast.ops.<op>(*args, backend=backend, **kwargs)` would run on, and why others were skipped.
+    Raises as the op would (BackendError when the backend asked for cannot take the inputs)."""
+    prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
+               "attention": _prepare_attention}  # fmt: skip
+    if op not in prepare:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
+    return prepare[op](*args, backend=backend, **kwargs)[0]
+
+
+# --- argument checks -------------------------------------------------------------------------------------------------
+
+
+def _check_devices(op: str, *tensors: Tensor | None) -> str:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return devices.pop().type
+
+
+def _per_sample(op: str, name: str, value: float | Tensor, like: Tensor) -> Tensor:
+    """A float or (B,)/(1,) tensor of noise levels as a (B,) tensor on x's device (stride 0 when shared)."""
+    value = torch.as_tensor(value, device=like.device)
+    if not value.is_floating_point():
+        value = value.to(torch.float32)
+    value = value.reshape(-1)
+    if value.numel() == 1:
+        value = value.expand(like.shape[0])
+    if value.shape[0] != like.shape[0]:
+        raise ValueError(f"{op}: {name} has {value.shape[0]} entries but the batch has {like.shape[0]} samples")
+    return value
+
+
+def _check_same_shape(op: str, x: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
+    for name, t in (("x", x), *others.items()):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be (B, ...), got a scalar")
+
+
+# --- GroupNorm + SiLU ------------------------------------------------------------------------------------------------
+
+
+def group_norm_silu(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int = 32,
+    eps: float = 1e-5,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """SiLU(GroupNorm(x)), or GroupNorm alone with silu=False, or ADM's scale-shift form
+    SiLU(GroupNorm(x) * (1 + scale) + shift) when scale and shift are given.
+
+    x: (B, C, *spatial), NCHW or channels_last, float32/bfloat16/float16 (statistics in float32); weight, bias: (C,)
+    or None; scale, shift: B x C values, e.g. (B, C, 1, 1). Returns y of x's shape, dtype and memory format.
+    Differentiable in x, weight, bias, scale and shift.
+    """
+    choice, args = _prepare_group_norm_silu(x, weight, bias, num_groups, eps, scale, shift, silu, backend=backend)
+    if choice.backend == "torch":
+        return _group_norm_silu.group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu)
+    x, weight, bias, scale, shift = args
+    return torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, choice.backend)[0]
+
+
+def _prepare_group_norm_silu(x, weight, bias, num_groups=32, eps=1e-5, scale=None, shift=None, silu=True, *, backend):
+    op = "group_norm_silu"
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (B, C, ...), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    B, C = x.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"{op}: {C} channels do not split into num_groups={num_groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (C,):
+            raise ValueError(f"{op}: {name} must have shape ({C},), got {tuple(p.shape)}")
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{op}: give both scale and shift (ADM's scale-shift form) or neither")
+    if scale is not None:
+        for name, t in (("scale", scale), ("shift", shift)):
+            if t.numel() != B * C:
+                raise ValueError(f"{op}: {name} must hold B x C = {B} x {C} values, got shape {tuple(t.shape)}")
+        scale, shift = scale.reshape(B, C), shift.reshape(B, C)
+    device_type = _check_devices(op, x, weight, bias, scale, shift)
+    reasons = {"triton": triton_input_reasons(_group_norm_silu, x, num_groups),
+               "ext": extension.group_norm_reasons(x, num_groups, device_type)}  # fmt: skip
+    choice = choose(op, _group_norm_silu, backend, device_type, reasons)
+    if choice.backend == "torch":
+        return choice, None
+    weight = weight if weight is not None else torch.ones(C, device=x.device)
+    bias = bias if bias is not None else torch.zeros(C, device=x.device)
+    return choice, (x, weight, bias, scale, shift)
+
+
+# --- skip/out --------------------------------------------------------------------------------------------------------
+
+
+def skip_out(
+    x: Tensor,
+    F: Tensor,
+    sigma: float | Tensor,
+    sigma_min: float,
+    sigma_data: float,
+    clamp: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """The consistency function's combination c_skip(sigma) x + c_out(sigma) F (Appendix C coefficients, computed
+    from sigma in float32), optionally clamped to [-1, 1].
+
+    x, F: (B, ...) of one shape, float32/bfloat16/float16; sigma: a float or (B,) noise levels. Returns the dtype
+    x and F promote to, in x's memory format. Differentiable in x and F (not in sigma).
+    """
+    choice, sigma = _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp, backend=backend)
+    if choice.backend == "torch":
+        return _skip_out.skip_out_ref(x, F, sigma, sigma_min, sigma_data, clamp)
+    return torch.ops.cmfast.skip_out(x, F, sigma, float(sigma_min), float(sigma_data), clamp, choice.backend)
+
+
+def _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp=False, *, backend):
+    op = "skip_out"
+    _check_same_shape(op, x, F=F)
+    sigma = _per_sample(op, "sigma", sigma, x)
+    device_type = _check_devices(op, x, F, sigma)
+    reasons = {"triton": triton_input_reasons(_skip_out, x, F, sigma), "ext": extension.dtype_reasons(x, F=F)}
+    return choose(op, _skip_out, backend, device_type, reasons), sigma
+
+
+# --- Heun step -------------------------------------------------------------------------------------------------------
+
+
+def heun_step(
+    x: Tensor,
+    F: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    F_next: Tensor | None = None,
+    sigma_data: float = 0.5,
+    clamp: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """One Heun step of an EDM teacher's PF ODE from sigma to sigma_next (REFERENCE.md section 4), in two calls
+    around the teacher's second network evaluation:
+
+        x_e   = heun_step(x, F, sigma, sigma_next)                  # F = net(c_in(sigma) x, c_noise(sigma))
+        x_hat = heun_step(x, F, sigma, sigma_next, F_next=F_next)   # F_next = net(c_in(sigma_next) x_e, ...)
+
+    F and F_next are the network's raw outputs (before the teacher's skip/out, which happens here with EDM's
+    coefficients). The first call alone is the Euler step. x, F, F_next: (B, ...) of one shape; sigma, sigma_next:
+    floats or (B,) tensors, sigma_next > 0 for the second call. Returns x's dtype and memory format. clamp=True
+    clips each denoised estimate to [-1, 1]. No backward: run it under torch.no_grad(), as teachers are.
+    """
+    choice, sigma, sigma_next = _prepare_heun(x, F, sigma, sigma_next, F_next, sigma_data, clamp, backend=backend)
+    if choice.backend == "torch":
+        return _heun_step.heun_step_ref(x, F, sigma, sigma_next, F_next, sigma_data, clamp)
+    return torch.ops.cmfast.heun_step(x, F, sigma, sigma_next, F_next, float(sigma_data), clamp, choice.backend)
+
+
+def _prepare_heun(x, F, sigma, sigma_next, F_next=None, sigma_data=0.5, clamp=False, *, backend):
+    op = "heun_step"
+    _check_same_shape(op, x, F=F, F_next=F_next)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, F, F_next)):
+        raise ValueError(f"{op} has no backward; run the teacher's step under torch.no_grad()")
+    sigma = _per_sample(op, "sigma", sigma, x)
+    sigma_next = _per_sample(op, "sigma_next", sigma_next, x)
+    device_type = _check_devices(op, x, F, F_next, sigma, sigma_next)
+    reasons = {"triton": triton_input_reasons(_heun_step, x, F, F_next),
+               "ext": extension.dtype_reasons(x, F=F, F_next=F_next)}  # fmt: skip
+    return choose(op, _heun_step, backend, device_type, reasons), sigma, sigma_next
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+
+
+def attention(qkv: Tensor, num_heads: int, backend: str | None = None) -> Tensor:
+    """Multi-head self-attention over the fused qkv projection, as cmfast.networks.adm.qkv_attention(qkv, num_heads,
+    "3hd"): softmax(q^T k / sqrt(head_dim)) per sample and head.
+
+    qkv: (B, 3 H D, T) with channels (3, heads, head_dim) (the official checkpoints' layout), float32/bfloat16/float16
+    (softmax statistics in float32), any strides. Returns (B, H D, T) in qkv's dtype, channels (head, d).
+    Differentiable in qkv. The Triton backend is flash-style: it never holds the T x T scores.
+    """
+    (choice,) = _prepare_attention(qkv, num_heads, backend=backend)
+    if choice.backend == "torch":
+        return _attention.attention_ref(qkv, num_heads)
+    return torch.ops.cmfast.attention(qkv, num_heads, choice.backend)[0]
+
+
+def _prepare_attention(qkv, num_heads, *, backend):
+    op = "attention"
+    if qkv.dim() != 3:
+        raise ValueError(f"{op}: qkv must be (B, 3 heads head_dim, T), got shape {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"{op}: qkv must be a floating-point tensor, got {qkv.dtype}")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads) or qkv.shape[1] == 0:
+        raise ValueError(f"{op}: {qkv.shape[1]} channels do not split into (3, {num_heads} heads, head_dim)")
+    device_type = _check_devices(op, qkv)
+    return (choose(op, _attention, backend, device_type, {"triton": triton_input_reasons(_attention, qkv, num_heads)}),)
