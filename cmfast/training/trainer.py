@@ -30,10 +30,11 @@ from tqdm import tqdm
 from ..checkpoint import load as load_model_file
 from ..checkpoint import save as save_model
 from ..data import load_dataset
+from ..generate import run_plan, sampling_plan
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
 from ..networks import build_network, config_to_dict, network_config, set_fused_ops
 from ..preconditioning import ConsistencyModel, EDMDenoiser
-from ..sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
+from ..sampling import generators_from_seeds, randn
 from . import state as ckpt
 from .config import TrainConfig
 from .distributed import init_distributed
@@ -330,20 +331,17 @@ class Trainer:
         noise = randn((num, c, size, size), gens, device=self.device)
         folder = self.run_dir / "samples"
         written = []
-        if isinstance(model, EDMDenoiser):
-            runs = {"heun18": lambda: heun_sample(model, noise, 18)}
-        else:
-            runs = {
-                f"{n}step": (
-                    lambda n=n: sample(
-                        model, noise, multistep_sigmas(n, model.sigma_min, model.sigma_max), generator=gens
-                    )
-                )
-                for n in (1, 2)
-            }
-        for name, run in runs.items():
+        plan = sampling_plan(model)  # a teacher: EDM's Heun sampler, 18 steps; a student: Algorithm 1
+        plans = (
+            {f"heun{plan.heun_steps}": plan}
+            if plan.teacher
+            else {f"{n}step": sampling_plan(model, steps=n) for n in (1, 2)}
+        )
+        for name, plan in plans.items():
             path = folder / f"step-{self.step:08d}-{name}.png"
-            save_png(path, image_grid(to_uint8(run())), scale=max(1, 128 // size))
+            save_png(
+                path, image_grid(to_uint8(run_plan(model, plan, noise, generator=gens))), scale=max(1, 128 // size)
+            )
             written.append(path)
         model.train(was_training)
         return written

@@ -56,7 +56,7 @@ def test_fused_network_matches_the_reference(name, perturb, monkeypatch):
     channels = config.in_channels
     x = torch.randn(2, channels, 8, 8)
     noise = torch.tensor([-0.5, 0.7]) * (250 if name.startswith("adm") else 1)
-    labels = torch.tensor([0, 2]) if getattr(config, "num_classes", 0) else None
+    labels = torch.tensor([0, 2]) if config.num_classes else None
 
     def run(fused):
         set_fused_ops(net, fused)
