@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,8 +44,9 @@ class CheckpointError(ValueError):
 def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write `model` (backbone weights + config + preconditioning) to a .safetensors file, atomically.
 
-    dtype (e.g. torch.float16) stores floating-point weights at that precision, to halve a shipped file; loading
-    always gives float32 weights.
+    dtype (e.g. torch.float16) stores floating-point parameters at that precision, to halve a shipped file; buffers
+    stay float32, since some are not weights but constants the network multiplies by large numbers (NCSN++'s Fourier
+    frequencies, about 16 on average, times ln(sigma) / 4). Loading always gives float32 weights.
     """
     meta = {
         "format": FORMAT_NAME,
@@ -55,10 +58,12 @@ def save(model: ConsistencyModel | EDMDenoiser, path: str | os.PathLike, dtype: 
         "sigma_data": model.sigma_data,
         "noise_cond": model.noise_cond,
     }
+    buffers = {name for name, _ in model.net.named_buffers()}
     tensors = {}
     for key, value in model.net.state_dict().items():
         value = value.detach().to("cpu")
-        tensors[key] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
+        cast = dtype is not None and value.is_floating_point() and key not in buffers
+        tensors[key] = (value.to(dtype) if cast else value).contiguous()
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={FORMAT_NAME: json.dumps(meta)}))
 
 
@@ -110,6 +115,10 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated zips, bad magic and refused globals
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():  # torch's advice omitted
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled objects other than tensors, and cmfast never unpickles them"
+            )
         raise CheckpointError(
             f"{path}: cannot read as a PyTorch state dict (truncated or foreign?): {_first_line(err)}"
         )
@@ -186,6 +195,7 @@ def _nearest_adm_preset(state: Mapping[str, Tensor], min_overlap: float = 0.9) -
 
 def _network_with_weights(path, config, state: Mapping[str, Tensor]) -> nn.Module:
     """Build the backbone without initialising it (meta device) and adopt the file's tensors as float32 weights."""
+    _require_finite(path, state)
     try:
         with torch.device("meta"):
             net = build_network(config)
@@ -219,7 +229,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = {  # models trained by the project's own commands (cmfast/assets/README.md says which)
     "digits-edm": "EDM teacher on the 8x8 digits (Heun sampler)",
     "digits-cd": "consistency distillation of digits-edm",
-    "digits-ct": "consistency training from scratch on the 8x8 digits",
+    "digits-ict": "improved consistency training (iCT) from scratch on the 8x8 digits",
     "digits-rgb-cd": "consistency distillation on coloured 8x8 digits (3 channels, for colorization)",
 }
 
@@ -240,6 +250,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
             f"{spec}: neither a shipped model ({', '.join(SHIPPED)}), a network preset ({', '.join(NETWORK_PRESETS)}) "
             "nor an existing file"
         )
+    _require_file(spec)
     with open(spec, "rb") as fh:
         head = fh.read(8)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle stream
@@ -248,10 +259,20 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyMode
 
 
 def _require_file(path) -> None:
+    """A one-line CheckpointError unless `path` is a regular file (a FIFO or device would block or read as empty)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a pipe, device or socket); give a checkpoint file")
+
+
+def _require_finite(path, state: Mapping[str, Tensor]) -> None:
+    """A one-line CheckpointError naming the first tensor that holds NaN or inf (a diverged run's weights)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: weights hold non-finite values (NaN or inf) in {key}; refusing to load")
 
 
 def _first_line(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -191,3 +192,63 @@ def test_written_files_get_the_usual_permissions(tmp_path, model_for):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("preset", ["ddpmpp-tiny", "ncsnpp-tiny", "adm-tiny"])
+@pytest.mark.parametrize("dtype, rel", [(None, 0.0), (torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_export_round_trip_keeps_outputs_within_the_dtype(tmp_path, model_for, preset, dtype, rel):
+    """Stored in half precision, the weights round but the outputs stay within the dtype's tolerance, at the smallest
+    sigma too, where NCSN++'s Fourier embedding multiplies its stored frequencies by a large ln(sigma) / 4."""
+    model = model_for(preset)
+    path = tmp_path / "m.safetensors"
+    cmfast.save(model, path, dtype=dtype)
+    back = cmfast.load(path)
+    for name, buf in model.net.named_buffers():  # buffers (such as the Fourier frequencies) are stored exactly
+        assert torch.equal(dict(back.net.named_buffers())[name], buf), name
+    x, y = inputs(model)
+    with torch.no_grad():
+        for sigma in (0.002, 1.0):
+            noise = torch.full((x.shape[0],), sigma).log() / 4 if model.noise_cond == "edm" else None
+            noise = noise if noise is not None else 250 * torch.full((x.shape[0],), sigma).log()
+            ref, out = model.net(x, noise, y), back.net(x, noise, y)
+            err = (out - ref).abs().max().item()
+            assert err <= rel * ref.abs().max().item(), (sigma, err)
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path, model_for):
+    model = model_for("ddpmpp-tiny")
+    with torch.no_grad():
+        next(model.net.parameters()).view(-1)[3] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    cmfast.save(model, path)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        cmfast.load(path)
+
+
+def test_files_that_are_not_regular_are_refused(tmp_path):
+    """A FIFO would block the loader forever and /dev/null reads as empty: both are refused by name at once."""
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+
+    def hung(*_):
+        raise TimeoutError("the loader blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        for spec in (str(fifo), "/dev/null"):
+            with pytest.raises(CheckpointError, match="not a regular file"):
+                load_model(spec)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pickle_refusal_gives_no_advice_to_unpickle(tmp_path):
+    pickled = tmp_path / "pickle.pt"
+    torch.save({"w": torch.ones(1), "obj": Payload()}, pickled)
+    with pytest.raises(CheckpointError) as err:
+        read_official_state_dict(pickled)
+    message = str(err.value)
+    assert "weights_only=False" not in message and "\n" not in message
+    assert "pickle.pt" in message and "refused" in message

@@ -1,10 +1,12 @@
 """The shipped digits models load by name and generate images with the statistics of the digits they were trained
 on (a collapsed or corrupt model fails: the reference is the data itself, not the model's earlier output)."""
 
+import re
+
 import pytest
 import torch
 
-from cmfast.checkpoint import SHIPPED, load_model
+from cmfast.checkpoint import ASSETS, SHIPPED, load_model
 from cmfast.data import load_digits
 from cmfast.preconditioning import EDMDenoiser
 from cmfast.sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
@@ -33,3 +35,17 @@ def test_shipped_model_generates_digit_like_images(name):
     assert abs(m - m_ref) < 0.15, (m, m_ref)
     assert 0.7 * s_ref < s < 1.3 * s_ref, (s, s_ref)
     assert abs(dark - dark_ref) < 0.15, (dark, dark_ref)
+
+
+def test_each_shipped_model_is_named_after_the_preset_that_trained_it():
+    """Read from the script that made the assets: the run exported as NAME.safetensors was trained with --preset NAME
+    (a consistency-training model named digits-ct while made by the iCT preset would mislead)."""
+    script = (ASSETS / "make_assets.sh").read_text()
+    presets = dict(re.findall(r"--preset (\S+) .*?--run-dir \"\$RUNS/([\w-]+)\"", script, flags=re.S))
+    presets = {run: preset for preset, run in presets.items()}
+    exports = re.findall(
+        r"cmfast export \"\$RUNS/([\w-]+)/model\.safetensors\" \"\$ASSETS/([\w-]+)\.safetensors\"", script
+    )
+    assert {name for _, name in exports} == set(SHIPPED)
+    for run, name in exports:
+        assert presets[run] == name, (run, presets[run], name)

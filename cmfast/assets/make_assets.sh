@@ -9,8 +9,8 @@ cmfast export "$RUNS/digits-edm/model.safetensors" "$ASSETS/digits-edm.safetenso
 cmfast distill --preset digits-cd --teacher "$RUNS/digits-edm/model.safetensors" --steps 2000 \
   --run-dir "$RUNS/digits-cd" --no-progress
 cmfast export "$RUNS/digits-cd/model.safetensors" "$ASSETS/digits-cd.safetensors" --dtype fp16
-cmfast train-ct --preset digits-ict --steps 4000 --run-dir "$RUNS/digits-ct" --no-progress
-cmfast export "$RUNS/digits-ct/model.safetensors" "$ASSETS/digits-ct.safetensors" --dtype fp16
+cmfast train-ct --preset digits-ict --steps 4000 --run-dir "$RUNS/digits-ict" --no-progress
+cmfast export "$RUNS/digits-ict/model.safetensors" "$ASSETS/digits-ict.safetensors" --dtype fp16
 # Coloured digits (RGB), for the colorization demo: only the distilled model ships.
 cmfast train-edm --preset digits-rgb-edm --steps 3000 --run-dir "$RUNS/digits-rgb-edm" --no-progress
 cmfast distill --preset digits-rgb-cd --teacher "$RUNS/digits-rgb-edm/model.safetensors" --steps 1500 \
