@@ -11,7 +11,8 @@ mask Omega in A's coordinates (1 = generate, 0 = keep from the reference y). Eac
 
 `denoise` (x = f(y, sigma), then optionally more steps) and `interpolate` (slerp of two noises, one-step decoding) are
 plain consistency-function evaluations. Everything works on any callable f(x, sigma, class_labels=None) -> x0, on
-batches, grayscale and RGB. Images are (B, C, H, W) floats in [-1, 1]. Randomness comes in as a torch.Generator or a
+batches, grayscale and RGB, and on any H and W that f takes (square or not; super-resolution needs both divisible by
+its factor). Images are (B, C, H, W) floats in [-1, 1]. Randomness comes in as a torch.Generator or a
 list with one generator per image, so an image's result does not depend on the batch it is edited in.
 """
 
@@ -162,9 +163,7 @@ def _inpainting_mask(mask: Tensor | str, images: Tensor) -> Tensor:
     """The mask as a (1 or B, 1 or C, H, W) tensor, or a one-line error when it does not fit the images."""
     b, c, h, w = images.shape
     if isinstance(mask, str):
-        if h != w:
-            raise ValueError(f"mask specs need square images, got {h}x{w}")
-        mask = make_mask(mask, h)
+        mask = make_mask(mask, (h, w))
     mask = torch.as_tensor(mask)
     if mask.ndim < 2 or mask.ndim > 4:
         raise ValueError(f"the mask must be (H, W), (C, H, W) or (B, C, H, W), got shape {tuple(mask.shape)}")
@@ -303,7 +302,7 @@ def super_resolve(
     factor: int,
     sigmas: Sigmas | None = None,
     *,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     ts: Sequence[int] | None = None,
     grid: int = EDIT_GRID,
     class_labels: Tensor | None = None,
@@ -311,11 +310,12 @@ def super_resolve(
     clamp: bool = True,
     sigma_min: float | None = None,
 ) -> Tensor:
-    """Images of side `size` whose factor x factor patch means equal the input's (only the mean comes from y).
+    """Images of `size` whose factor x factor patch means equal the input's (only the mean comes from y).
 
-    images: (B, C, size/factor, size/factor) low-resolution images (nearest-upsampled here), or (B, C, size, size)
-    high-resolution ones to be reduced. size: the output side; default the model's resolution, else the input's side.
-    Any factor dividing the size. Default time points: the whole 40-point Karras grid (39 evaluations).
+    images: (B, C, H/factor, W/factor) low-resolution images (nearest-upsampled here), or (B, C, H, W) high-resolution
+    ones to be reduced; they need not be square. size: the output's side or (H, W); default the model's resolution,
+    else the input's size. Any factor dividing H and W. Default time points: the whole 40-point Karras grid (39
+    evaluations).
     """
     _check_images(images)
     _check_channels(f, images)
@@ -323,17 +323,16 @@ def super_resolve(
         raise ValueError(f"the super-resolution factor must be an integer >= 2, got {factor}")
     factor = int(factor)
     h, w = images.shape[-2:]
-    if h != w:
-        raise ValueError(f"super-resolution takes square images, got {w}x{h}")
-    size = size or _model_resolution(f) or h
-    if size % factor:
-        raise ValueError(f"image size {size} is not divisible by the factor {factor}")
-    if h * factor == size:
+    size = size or _model_resolution(f) or (h, w)
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if out_h % factor or out_w % factor:
+        raise ValueError(f"image size {out_w}x{out_h} is not divisible by the factor {factor}")
+    if (h * factor, w * factor) == (out_h, out_w):
         images = F.interpolate(images, scale_factor=factor, mode="nearest")
-    elif h != size:
-        low = size // factor
-        raise ValueError(f"images are {h}x{h}: expected {size}x{size} or the low-resolution {low}x{low}")
-    omega = torch.ones(1, 1, size, size)
+    elif (h, w) != (out_h, out_w):
+        low = f"{out_w // factor}x{out_h // factor}"
+        raise ValueError(f"images are {w}x{h}: expected {out_w}x{out_h} or the low-resolution {low}")
+    omega = torch.ones(1, 1, out_h, out_w)
     omega[..., ::factor, ::factor] = 0  # coefficient 0 of each patch (the mean) is kept
     A, A_inv = patch_transform(patch_basis(factor), factor)
     sigmas = edit_sigmas(f, sigmas, ts, grid, sigma_min=sigma_min)

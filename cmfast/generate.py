@@ -35,6 +35,8 @@ from .sampling import (
 
 DEFAULT_HEUN_STEPS = 18  # EDM's CIFAR-10 setting: 35 network evaluations
 DEFAULT_GRID = 40  # the official grid that `ts` indexes
+MAX_STEPS = 1000  # more steps than any sampler here profits from; a larger count is a typo that would run for days
+MIN_TEACHER_STEPS = 8  # fewer Heun steps leave a teacher's samples visibly blurred (EDM, Fig. 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class SamplingPlan:
     graph_refused: str = ""
     ts: tuple[int, ...] | None = None
     grid: int | None = None
+
+    @property
+    def warning(self) -> str:
+        """A one-line warning when the plan will give poor samples, else ""."""
+        if self.teacher and self.heun_steps < MIN_TEACHER_STEPS:
+            return (
+                f"{self.heun_steps} Heun step(s) of an EDM teacher give blurred samples; "
+                f"use --steps {MIN_TEACHER_STEPS} or more (default {DEFAULT_HEUN_STEPS})"
+            )
+        return ""
 
     @property
     def evaluations(self) -> int:
@@ -92,6 +104,8 @@ def sampling_plan(
         raise ValueError("give one of steps, sigmas or ts")
     if steps is not None and (int(steps) != steps or steps < 1):
         raise ValueError(f"--steps must be a positive integer, got {steps}")
+    if steps is not None and steps > MAX_STEPS:
+        raise ValueError(f"--steps must be at most {MAX_STEPS}, got {steps}")
     if isinstance(model, EDMDenoiser):
         if teacher_error:
             raise ValueError(teacher_error)
@@ -126,6 +140,16 @@ class Generated:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray | None  # (N,) int64 class labels, or None for unconditional models
     seconds: float  # wall time spent in the sampler (excludes model loading)
+    first_batch_seconds: float = 0.0  # the part of `seconds` spent on the first batch, which pays for warm-up
+    first_batch_size: int = 0  # images in the first batch
+
+    def images_per_second(self) -> tuple[float, str]:
+        """The sampling rate and what it covers: from the second batch on, so one-time set-up (oneDNN, cuDNN
+        autotuning, CUDA graph capture) does not count; a single batch can only give the whole run's rate."""
+        n, first = len(self.images), self.first_batch_size
+        if first < n and self.seconds > self.first_batch_seconds:
+            return (n - first) / (self.seconds - self.first_batch_seconds), "after the first batch"
+        return n / self.seconds, "whole run, including warm-up"
 
 
 def image_shape(model: ConsistencyModel | EDMDenoiser) -> tuple[int, int, int]:
@@ -177,7 +201,7 @@ def generate(
     n_classes = num_classes(model)
     device = next(model.parameters()).device
     shape = image_shape(model)
-    images, labels, seconds = [], [], 0.0
+    images, labels, seconds, first_seconds = [], [], 0.0, 0.0
     for start in tqdm(range(0, num, batch), desc="sampling", unit="batch", disable=not progress):
         seeds = range(seed + start, seed + min(start + batch, num))
         gens = generators_from_seeds(seeds)
@@ -196,5 +220,17 @@ def generate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
+        first_seconds = first_seconds or seconds
+        check_finite(x, f"seeds {seeds.start}..{seeds.stop - 1}")
         images.append(to_uint8(x))
-    return Generated(np.concatenate(images), np.concatenate(labels) if labels else None, seconds)
+    first = min(batch, num)
+    return Generated(np.concatenate(images), np.concatenate(labels) if labels else None, seconds, first_seconds, first)
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """A one-line ValueError when generated images hold NaN or inf (they would be written as black images).
+    what: which images, e.g. "seeds 0..15"."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"the model produced non-finite values (NaN or inf) for {what}; its weights or the time points are broken"
+        )

@@ -3,9 +3,13 @@ exact PF-ODE solution for Gaussian data."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from cmfast.generate import MAX_STEPS, Generated, sampling_plan
+from cmfast.networks import build_network
+from cmfast.preconditioning import ConsistencyModel, EDMDenoiser
 from cmfast.sampling import (
     generators_from_seeds,
     heun_evaluations,
@@ -180,3 +184,21 @@ def test_sigmas_from_ts_needs_only_the_chosen_points():
     sig = sigmas_from_ts([0, big // 2, big - 1], big)
     assert sig[0].item() == T and sig[-1].item() == EPS
     assert sig[1].item() == pytest.approx(karras_ascending(big - big // 2, big), rel=1e-9)
+
+
+def test_plans_refuse_step_counts_no_sampler_needs():
+    for model in (
+        ConsistencyModel(build_network("ddpmpp-tiny")),
+        EDMDenoiser(build_network("ddpmpp-tiny")),
+    ):
+        assert sampling_plan(model, steps=MAX_STEPS).evaluations >= MAX_STEPS
+        with pytest.raises(ValueError, match=f"at most {MAX_STEPS}"):
+            sampling_plan(model, steps=MAX_STEPS + 1)
+    teacher = EDMDenoiser(build_network("ddpmpp-tiny"))
+    assert "blurred" in sampling_plan(teacher, steps=7).warning and sampling_plan(teacher, steps=8).warning == ""
+
+
+def test_the_sampling_rate_leaves_out_the_first_batch():
+    images = np.zeros((10, 2, 2, 1), np.uint8)
+    assert Generated(images, None, 5.0, 4.0, 4).images_per_second() == (6.0, "after the first batch")
+    assert Generated(images, None, 5.0, 5.0, 10).images_per_second() == (2.0, "whole run, including warm-up")

@@ -18,14 +18,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from tqdm import tqdm
 
 from .. import editing
 from ..data import load_digits, load_npz
-from ..generate import check_class_label, image_shape, num_classes, sampling_plan
+from ..generate import check_class_label, check_finite, image_shape, num_classes, sampling_plan
 from ..io import atomic_write_bytes, save_npz, save_png, to_uint8
 from ..networks import NETWORK_PRESETS
 from ..sampling import generators_from_seeds, karras_sigmas, randint, randn
-from .common import add_model_args, add_sigma_args, check_device, check_out_dir, ints, load_for_sampling
+from .common import (
+    HelpFormatter,
+    RawHelpFormatter,
+    add_model_args,
+    add_sigma_args,
+    check_device,
+    check_out_dir,
+    ints,
+    load_for_sampling,
+    plural,
+    positive,
+)
 
 TASKS = {
     "inpaint": "fill the pixels that --mask marks; the others keep the input exactly",
@@ -33,7 +45,23 @@ TASKS = {
     "super_resolve": "raise the resolution by --factor, keeping the input's patch means exactly",
     "denoise": "remove Gaussian noise of level --sigma in one step f(y, sigma), or several (--steps)",
     "interpolate": "decode the spherical interpolation between the noises of two --seeds, one step per image",
-    "stroke_edit": "turn a stroke painting into a realistic image (SDEdit: noise to t1 = 5.38, then 2 steps)",
+    "stroke_edit": "turn a stroke painting into a realistic image (SDEdit: noise to t1 = 5.38, then 2 steps; "
+    "on the 8x8 digits --ts 22,26 follows the strokes better)",
+}
+SAMPLED_TASKS = ("inpaint", "colorize", "super_resolve", "stroke_edit")  # K results per input, from seeded noise
+TASK_OPTIONS = ("input", "mask", "factor", "sigma", "noisy", "steps", "seeds", "num", "sigmas", "ts", "grid", "samples")
+WHOLE_GRID = "Karras grid size (walked whole unless --sigmas/--ts say otherwise; --ts indexes it)"
+GRID_HELP = {
+    "inpaint": WHOLE_GRID,
+    "colorize": WHOLE_GRID,
+    "super_resolve": WHOLE_GRID,
+    "stroke_edit": "Karras grid size that --ts indexes",
+}
+SAMPLED_SEEDS = "result k of input i uses seed SEED + i*SAMPLES + k"
+SEED_HELP = {
+    **{task: SAMPLED_SEEDS for task in SAMPLED_TASKS},
+    "denoise": "input i uses seed SEED + i, for the added noise and any later steps",
+    "interpolate": "class labels (class-conditional models) come from the first seed of each pair",
 }
 
 DESCRIPTION = """\
@@ -53,54 +81,99 @@ tasks:
   interpolate    Decode the spherical interpolation between the noises of two seeds (--seeds A,B; more pairs give
                  more rows), --num images per strip, one evaluation each; the ends are the seeds' one-step samples.
   stroke_edit    Turn a stroke painting into an image (SDEdit): x = painting + 5.38 z, then f at 5.38 and 2.24.
+                 On the 8x8 digits, --ts 22,26 (t = 1.38, 0.47) follows the strokes far better (docs/editing).
                  --input digits-test:N makes crude paintings from real digits (three flat gray levels).
 
 inputs (--input): an image file (PNG/JPEG), an .npz of uint8 images (key "images", NHWC, as `cmfast sample` writes)
 or digits-test:N (the first N images of the built-in digits test split at the model's size). Grayscale inputs are
 broadcast to RGB models. Result k of input i uses seed SEED + i*SAMPLES + k (denoise: SEED + i, for the added noise
 and any later steps), so results do not depend on --batch.
-Time points: --sigmas, or --ts indexing a Karras grid of --grid points, override the task's default."""
+Time points: --sigmas, or --ts indexing a Karras grid of --grid points, override the task's default.
+`cmfast edit TASK --help` lists a task's own options."""
+
+INPUTS = (
+    '--input: an image file (PNG/JPEG), an .npz of uint8 images (key "images", NHWC, as `cmfast sample` writes) or '
+    "digits-test:N (the first N images of the built-in digits test split at the model's size); grayscale inputs are "
+    "broadcast to RGB models."
+)
+TASK_HELP = {
+    "inpaint": "Fill the pixels that --mask marks (1 = generate); the other pixels keep the input exactly. "
+    "Time points: the whole Karras grid of --grid points (40: 39 evaluations). " + INPUTS,
+    "colorize": "Colour a grayscale input (or an RGB one, whose colour is discarded); the output keeps the input's "
+    "luminance 0.2989 R + 0.5870 G + 0.1140 B exactly. Needs an RGB model. Time points: the whole Karras grid. "
+    + INPUTS,
+    "super_resolve": "Raise the resolution by --factor (dividing the model's size): the input is a low-resolution "
+    "image (size/factor) or a full-size one that is reduced; the output keeps its factor x factor patch means "
+    "exactly. Time points: the whole Karras grid. " + INPUTS,
+    "denoise": "Add noise of std --sigma to the input (or take it as already noisy with --noisy) and remove it: "
+    "f(y, sigma) in one evaluation, or several steps down a Karras grid (--steps 1,2: one column each). " + INPUTS,
+    "interpolate": "Decode the spherical interpolation between the noises of two seeds (--seeds A,B; more pairs give "
+    "more rows), --num images per strip, one evaluation each; the ends are the seeds' one-step samples.",
+    "stroke_edit": "Turn a stroke painting into an image (SDEdit): x = painting + t1 z, then f at each time point. "
+    "Default time points 5.38, 2.24 (the paper's, for 64x64 images); on the 8x8 digits models these barely follow "
+    "the strokes, and --ts 22,26 (t = 1.38, 0.47 on the 40-point grid) works (docs/editing). digits-test:N makes "
+    "crude paintings from real digits (three flat gray levels). " + INPUTS,
+}
 
 
-def _task(text: str) -> str:
-    name = text.replace("-", "_")
-    if name not in TASKS:
-        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose one of {', '.join(TASKS)}")
-    return name
+MAX_STRIP = 256  # interpolate --num: images per strip; a strip is one network call, so it must fit in memory
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+def _task_parser(tasks, name: str):
+    """The sub-parser of one task, also reachable with hyphens (super-resolve)."""
+    aliases = [name.replace("_", "-")] if "_" in name else []
+    return tasks.add_parser(
+        name, aliases=aliases, help=TASKS[name], description=TASK_HELP[name], formatter_class=HelpFormatter
+    )
+
+
+def _add_task_args(p: argparse.ArgumentParser, task: str) -> None:
+    """The options of one task: the model, its own inputs and settings, seeds, batching and the output."""
+    add_model_args(p)
+    if task != "interpolate":
+        p.add_argument("--input", help="image file, .npz of uint8 images, or digits-test:N (required)")
+    if task == "inpaint":
+        p.add_argument(
+            "--mask", default="center", help="PNG (white = generate), box:x0,y0,x1,y1, strokes:SEED or center"
+        )
+    if task == "super_resolve":
+        p.add_argument(
+            "--factor", type=int, default=2, help="the resolution factor (an integer >= 2 dividing the size)"
+        )
+    if task == "denoise":
+        p.add_argument("--sigma", type=float, default=0.3, help="the noise level")
+        p.add_argument("--noisy", action="store_true", help="the input already carries noise of level --sigma")
+        p.add_argument("--steps", type=ints, default="1", help="evaluations, one column per entry, e.g. 1,2")
+    if task == "interpolate":
+        p.add_argument("--seeds", type=ints, default="0,1", help="pairs of noise seeds, one row per pair")
+        p.add_argument("--num", type=int, default=8, help=f"images per strip (at most {MAX_STRIP})")
+    if task in SAMPLED_TASKS:
+        add_sigma_args(p.add_mutually_exclusive_group())
+        p.add_argument("--grid", type=int, default=editing.EDIT_GRID, help=GRID_HELP[task])
+        p.add_argument("--samples", type=int, default=3, help="results per input")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP[task])
+    p.add_argument("--batch", type=int, default=16, help="images per network call")
+    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
+    p.add_argument("--out", default="edit", help=f"output directory for {task}.png, {task}.npz and {task}.json")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def register(sub) -> None:
-    """Add `edit` to an argparse subparsers object."""
+    """Add `edit` with one sub-command per task to an argparse subparsers object."""
     p = sub.add_parser(
         "edit",
         help="zero-shot editing: inpaint, colorize, super_resolve, denoise, interpolate, stroke_edit",
         description=DESCRIPTION,
-        formatter_class=_Formatter,
+        formatter_class=RawHelpFormatter,
     )
-    p.add_argument("task", type=_task, metavar="TASK", help="one of " + ", ".join(TASKS))
-    add_model_args(p)
-    p.add_argument("--input", help="image file, .npz of uint8 images, or digits-test:N (not for interpolate)")
-    p.add_argument("--mask", default="center", help="inpaint: PNG, box:x0,y0,x1,y1, strokes:SEED or center")
-    p.add_argument("--factor", type=int, default=2, help="super_resolve: the resolution factor")
-    p.add_argument("--sigma", type=float, default=0.3, help="denoise: the noise level")
-    p.add_argument("--noisy", action="store_true", help="denoise: the input already carries noise of level --sigma")
-    p.add_argument("--steps", type=ints, default="1", help="denoise: evaluations, one column per entry, e.g. 1,2")
-    p.add_argument("--seeds", type=ints, default="0,1", help="interpolate: pairs of noise seeds, one row per pair")
-    p.add_argument("--num", type=int, default=8, help="interpolate: images per strip")
-    add_sigma_args(p.add_mutually_exclusive_group())
-    p.add_argument("--grid", type=int, default=editing.EDIT_GRID, help="Karras grid size (walked whole by default)")
-    p.add_argument(
-        "--samples", type=int, default=3, help="results per input (inpaint, colorize, super_resolve, stroke_edit)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="result k of input i uses seed SEED + i*SAMPLES + k")
-    p.add_argument("--batch", type=int, default=16, help="images per network call")
-    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models; default random)")
-    p.add_argument("--out", default="edit", help="output directory for TASK.png, TASK.npz and TASK.json")
-    p.set_defaults(handler=cmd_edit)
+    # options a task does not take read as unset (each task's own parser overrides these), so the code below needs
+    # no per-task attribute checks
+    p.set_defaults(**dict.fromkeys(TASK_OPTIONS))
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks (cmfast edit TASK --help)")
+    for task in TASKS:
+        t = _task_parser(tasks, task)
+        _add_task_args(t, task)
+        t.set_defaults(handler=cmd_edit, task=task)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
@@ -158,17 +231,22 @@ def crude_strokes(images: Tensor) -> Tensor:
 
 def _check_args(args) -> None:
     for name in ("batch", "samples", "num", "grid"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+        positive(f"--{name}", getattr(args, name))
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     if args.task == "interpolate":
-        if args.input is not None:
-            raise ValueError("interpolate decodes noise from --seeds; it takes no --input")
         if len(args.seeds) < 2 or len(args.seeds) % 2:
             raise ValueError(f"--seeds must hold pairs of seeds (A,B[,C,D...]), got {len(args.seeds)}")
+        if min(args.seeds) < 0:
+            raise ValueError(f"--seeds must be non-negative, got {min(args.seeds)}")
+        if args.num > MAX_STRIP:
+            raise ValueError(f"--num must be at most {MAX_STRIP} images per strip, got {args.num}")
     elif args.input is None:
         raise ValueError(f"{args.task} needs --input (an image file, an .npz or digits-test:N)")
+    if args.task == "stroke_edit" and args.grid != editing.EDIT_GRID and args.ts is None:
+        raise ValueError(f"--grid {args.grid} only applies with --ts (stroke_edit walks no grid); add --ts or drop it")
+    if args.task == "super_resolve" and args.factor < 2:
+        raise ValueError(f"--factor must be an integer >= 2, got {args.factor}")
     if args.task == "denoise" and any(s < 1 for s in args.steps):
         raise ValueError(f"--steps must be positive integers, got {args.steps}")
 
@@ -183,12 +261,14 @@ def _labels(model, args, gens, device) -> Tensor | None:
     return randint(classes, len(gens), gens, device=device)
 
 
-def _batched(run, inputs: Tensor, seeds: list[int], batch: int) -> Tensor:
-    """run(inputs[i:j], generators of seeds[i:j]) over chunks of `batch`, concatenated."""
+def _batched(run, inputs: Tensor, seeds: list[int], batch: int, progress: bool = False, desc: str = "") -> Tensor:
+    """run(inputs[i:j], generators of seeds[i:j]) over chunks of `batch`, concatenated; results must be finite."""
     outs = []
-    for start in range(0, len(seeds), batch):
+    for start in tqdm(range(0, len(seeds), batch), desc=desc, unit="batch", disable=not progress):
         gens = generators_from_seeds(seeds[start : start + batch])
-        outs.append(run(inputs[start : start + batch], gens))
+        out = run(inputs[start : start + batch], gens)
+        check_finite(out, f"seeds {seeds[start]}..{seeds[min(start + batch, len(seeds)) - 1]}")
+        outs.append(out)
     return torch.cat(outs)
 
 
@@ -199,8 +279,10 @@ def cmd_edit(args) -> None:
     model = load_for_sampling(args.model, device, args.dtype)
     if args.task == "stroke_edit":
         default = editing.STROKE_SIGMAS
-    else:  # the paper's editing schedule: the whole Karras grid
+    elif args.task in SAMPLED_TASKS:  # the paper's editing schedule: the whole Karras grid
         default = karras_sigmas(args.grid, model.sigma_min, model.sigma_max).tolist()
+    else:  # denoise and interpolate evaluate at their own noise level; the plan only refuses teachers
+        default = None
     plan = sampling_plan(
         model, sigmas=args.sigmas, ts=args.ts, grid=args.grid, default_sigmas=default,
         teacher_error=f"--model {args.model} is an EDM teacher; editing needs a consistency model",
@@ -209,7 +291,7 @@ def cmd_edit(args) -> None:
     channels, size, _ = image_shape(model)
     if args.task == "colorize" and channels != 3:
         raise ValueError(f"colorize needs an RGB model; {args.model} has {channels} channel(s)")
-    sigmas = None if args.task in ("denoise", "interpolate") else list(plan.sigmas)
+    sigmas = list(plan.sigmas) if args.task in SAMPLED_TASKS else None
     t0 = time.perf_counter()
     if args.task == "interpolate":
         panel = _interpolate(model, args, channels, size, device)
@@ -237,6 +319,8 @@ def _edit_inputs(model, args, channels, size, device, sigmas) -> Panel:
     if task == "super_resolve" and size % args.factor:
         raise ValueError(f"image size {size} is not divisible by the factor {args.factor}")
     raw = load_inputs(args.input, size)
+    if len(raw) == 0:
+        raise ValueError(f"--input {args.input}: holds no images")
     y = _fit_inputs(raw, args.input, channels, sizes).to(device)
     n = y.shape[0]
     reference, extra = y, {}
@@ -277,7 +361,7 @@ def _edit_inputs(model, args, channels, size, device, sigmas) -> Panel:
             return editing.super_resolve(model, x, args.factor, sigmas, size=size, **kw)
         return editing.stroke_edit(model, x, sigmas, **kw)
 
-    out = _batched(run, inputs, seeds, args.batch)
+    out = _batched(run, inputs, seeds, args.batch, not args.no_progress, task)
     headers += [f"sample {j + 1}" for j in range(k)]
     return Panel(
         headers,
@@ -306,7 +390,9 @@ def _denoise(model, args, y, device) -> Panel:
             labels = _labels(model, args, gens, device)
             return editing.denoise(model, x, args.sigma, steps, class_labels=labels, generator=gens)
 
-        columns.append(_batched(run, noisy, seeds, args.batch))
+        columns.append(
+            _batched(run, noisy, seeds, args.batch, not args.no_progress, f"denoise ({plural(steps, 'step')})")
+        )
     out = torch.stack(columns, 1)
     headers = (["reference"] if reference is not None else []) + [f"noisy {args.sigma:g}"]
     headers += [f"{s} step" + ("s" if s > 1 else "") for s in args.steps]
@@ -326,6 +412,7 @@ def _interpolate(model, args, channels, size, device) -> Panel:
     z1, z2 = torch.stack(z[::2]).to(device), torch.stack(z[1::2]).to(device)
     labels = _labels(model, args, generators_from_seeds([a for a, _ in pairs]), device)
     out = editing.interpolate(model, z1, z2, args.num, class_labels=labels)
+    check_finite(out, f"seeds {args.seeds}")
     alphas = np.linspace(0, 1, args.num)
     return Panel(
         [f"a = {a:.2f}" for a in alphas],

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
+import sys
 import time
 
 import numpy as np
@@ -24,11 +25,29 @@ from ..evaluation.classifier import (
     train_classifier,
 )
 from ..evaluation.frechet import frechet_distance, gaussian_statistics
-from ..evaluation.metrics import FEATURE_SPACES, compute_metrics, feature_space, reference_for, save_reference
+from ..evaluation.metrics import (
+    FEATURE_SPACES,
+    compute_metrics,
+    feature_space,
+    reference_for,
+    resolve_split,
+    save_reference,
+)
 from ..evaluation.search import greedy_time_points
 from ..generate import SamplingPlan, generate, image_shape, sampling_plan
 from ..io import atomic_write_bytes
-from .common import DTYPES, add_time_point_args, check_device, default_device, load_for_sampling, positive
+from .common import (
+    DTYPES,
+    HelpFormatter,
+    add_device_arg,
+    add_time_point_args,
+    check_device,
+    check_grid_use,
+    check_out_file,
+    load_for_sampling,
+    plural,
+    positive,
+)
 
 DIGITS_SPLITS = ("train", "test", "all")
 
@@ -54,12 +73,16 @@ def _add_reference_args(p: argparse.ArgumentParser) -> None:
         help="reference: a statistics .npz (from ref-stats or --save-ref) or a dataset (digits8, an image folder, an "
         "image .npz); default: the built-in digits at the samples' size",
     )
-    p.add_argument("--ref-split", choices=DIGITS_SPLITS, default="test", help="split of the built-in digits reference")
+    p.add_argument(
+        "--ref-split",
+        choices=DIGITS_SPLITS,
+        help="split of a built-in digits reference (default test); other datasets are always used whole",
+    )
     p.add_argument("--save-ref", help="also write the reference statistics (mu, sigma, features) to this .npz")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, with_when: bool) -> None:
-    p.add_argument("--device", default=default_device(), help="torch device (default: cuda if available, else cpu)")
+    add_device_arg(p)
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="backbone precision via autocast")
     add_time_point_args(p, with_when)
     p.add_argument("--num", type=int, default=1000, help="number of generated images")
@@ -70,7 +93,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, with_when: bool) -> None:
 
 def register(sub) -> None:
     """Add eval, tune-steps, ref-stats and train-classifier to an argparse subparsers object."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = sub.add_parser(
         "eval",
         help="sample a model and report FID, KID, IS and precision/recall as JSON",
@@ -97,7 +120,8 @@ def register(sub) -> None:
         help="search the middle time points of 2- and 3-step sampling (greedy ternary search on FID)",
         description="The paper's time-point search: ts starts at 0 and ends at GRID-1; the second point is found by "
         "ternary search over the grid index minimising FID, then the third with the second fixed, and so on up to "
-        "--max-steps. Every candidate is sampled from the same seeds. Prints the chosen ts for each step count.",
+        "--max-steps. Every candidate is sampled from the same seeds. Prints the search as JSON (and writes it to "
+        "--out when given), and the chosen ts for each step count on stderr.",
         formatter_class=fmt,
     )
     p.add_argument("--model", required=True, help="a consistency model: shipped name or checkpoint")
@@ -115,8 +139,12 @@ def register(sub) -> None:
         formatter_class=fmt,
     )
     p.add_argument("--data", required=True, help="digits8 (etc.), an image folder or an image .npz")
-    p.add_argument("--split", choices=DIGITS_SPLITS, default="test", help="split of the built-in digits")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument(
+        "--split",
+        choices=DIGITS_SPLITS,
+        help="split of the built-in digits (default test); other datasets are used whole",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_feature_args(p)
@@ -150,9 +178,7 @@ def _check_common(args) -> torch.device:
     if not 0 <= args.seed <= 2**63 - 1 - args.num:
         raise ValueError(f"--seed must lie in [0, 2^63 - 1 - num], got {args.seed}")
     for name in ("out", "save_ref"):
-        path = getattr(args, name, None)
-        if path and os.path.isdir(path):
-            raise ValueError(f"--{name.replace('_', '-')} {path}: is a directory; give a file name")
+        check_out_file(getattr(args, name, None), f"--{name.replace('_', '-')}")
     return check_device(args.device)
 
 
@@ -163,7 +189,7 @@ def _space(args, device):
 
 
 def _reference(args, space, size: int, channels: int, progress: bool):
-    ref = reference_for(space, args.ref, args.ref_split, size, channels, progress=progress)
+    ref = reference_for(space, args.ref, resolve_split(args.ref, args.ref_split), size, channels, progress=progress)
     if args.save_ref:
         save_reference(args.save_ref, ref)
     return ref
@@ -173,8 +199,19 @@ def _generate(model, plan: SamplingPlan, args, progress: bool) -> np.ndarray:
     return generate(model, plan, args.num, args.batch, args.seed, progress=progress).images
 
 
+def finite_or_none(value):
+    """`value` with every non-finite float replaced by None: JSON has no NaN or inf, and null says "no number"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def _write_json(path: str | None, result: dict) -> str:
-    text = json.dumps(result, indent=2)
+    text = json.dumps(finite_or_none(result), indent=2, allow_nan=False)
     if path:
         atomic_write_bytes(path, (text + "\n").encode())
     return text
@@ -192,6 +229,7 @@ def evaluate_images(images: np.ndarray, space, ref, progress: bool = False) -> t
 
 def cmd_eval(args) -> None:
     device = _check_common(args)
+    check_grid_use(args)
     progress = not args.no_progress
     result: dict = {}
     if args.images is not None:
@@ -204,6 +242,8 @@ def cmd_eval(args) -> None:
         model = load_for_sampling(args.model, device, args.dtype)
         channels, size, _ = image_shape(model)
         plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid)
+        if plan.warning:
+            print(f"cmfast eval: warning: {plan.warning}", file=sys.stderr)
         record = plan.record()
         result.update(model=args.model, kind=model.kind, **record, num=args.num, seed=args.seed, dtype=args.dtype)
     space = _space(args, device)  # before sampling: missing weights or a bad reference fail first
@@ -214,7 +254,11 @@ def cmd_eval(args) -> None:
     metrics, metric_seconds = evaluate_images(images, space, ref, progress)
     result.update(
         features={"space": space.name, "source": space.source},
-        reference={"name": ref.name, "num": ref.num, "split": args.ref_split if args.ref is None else None},
+        reference={
+            "name": ref.name,
+            "num": ref.num,
+            "split": resolve_split(None, args.ref_split) if args.ref is None else None,
+        },
         metrics=metrics,
         seconds={"sampling": sample_seconds, "metrics": metric_seconds},
         device=str(device),
@@ -226,7 +270,8 @@ def cmd_eval(args) -> None:
 def tune_time_points(model, space, ref, args, progress: bool = True) -> dict:
     """Greedy ternary search of ts for 2..max_steps steps (one-step FID too); every candidate uses seeds SEED.."""
     scored: dict[tuple[int, ...], float] = {}
-    bar = tqdm(desc="tune-steps (FID evaluations)", unit="ts", disable=not progress)
+    total = 1 + (args.max_steps - 1) * search_budget(args.grid)  # memoised candidates make it fewer
+    bar = tqdm(desc="tune-steps (FID evaluations)", total=total, unit="ts", disable=not progress)
 
     def fid(ts: tuple[int, ...]) -> float:
         if ts not in scored:
@@ -242,8 +287,19 @@ def tune_time_points(model, space, ref, args, progress: bool = True) -> dict:
     for n in range(2, args.max_steps + 1):
         ts, value, _ = greedy_time_points(fid, args.grid, n)
         chosen[n] = {"ts": list(ts), "fid": value, "sigmas": list(sampling_plan(model, ts=ts, grid=args.grid).sigmas)}
+    bar.total = bar.n  # the search ended: the bar ends full
     bar.close()
     return {"chosen": chosen, "scored": {",".join(map(str, k)): v for k, v in sorted(scored.items())}}
+
+
+def search_budget(grid: int) -> int:
+    """At most how many FID evaluations the ternary search for one middle point makes on a grid of `grid` points:
+    two per round, each round shrinking hi - lo to hi - lo - (hi - lo) // 3 - 1 (see `ternary_search`), then the last
+    three or fewer compared directly."""
+    span, calls = max(0, grid - 3), 0  # candidates 1..grid-2
+    while span >= 3:
+        span, calls = span - span // 3 - 1, calls + 2
+    return calls + span + 1
 
 
 def cmd_tune_steps(args) -> None:
@@ -272,28 +328,26 @@ def cmd_tune_steps(args) -> None:
         **search,
         "seconds": time.perf_counter() - t0,
     }
-    _write_json(args.out, result)
+    print(_write_json(args.out, result))
     for n, c in search["chosen"].items():
         ts = ",".join(map(str, c["ts"]))
-        print(f"{n} step{'s' if n > 1 else ''}: ts {ts} (grid {args.grid}): FID {c['fid']:.4f}")
+        print(f"{plural(n, 'step')}: ts {ts} (grid {args.grid}): FID {c['fid']:.4f}", file=sys.stderr)
     if args.out:
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def cmd_ref_stats(args) -> None:
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: is a directory; give a .npz file name")
+    check_out_file(args.out)
     device = check_device(args.device)
     space = _space(args, device)
-    ref = reference_for(space, args.data, args.split, 0, 0, progress=not args.no_progress)
+    ref = reference_for(space, args.data, resolve_split(args.data, args.split), 0, 0, progress=not args.no_progress)
     save_reference(args.out, ref)
     print(f"wrote {args.out}: {ref.num} images of {ref.name}, {space.name} features ({ref.mu.shape[0]} dimensions)")
 
 
 def cmd_train_classifier(args) -> None:
     positive("--steps", args.steps)
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: is a directory; give a .safetensors file name")
+    check_out_file(args.out)
     model, record = train_classifier(steps=args.steps, seed=args.seed, progress=not args.no_progress)
     if args.dtype == "fp16":  # report the accuracy of the weights as stored
         round_weights(model, torch.float16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -10,18 +9,21 @@ import sys
 import numpy as np
 import torch
 
-from ..checkpoint import load_model, read_metadata, save
+from ..checkpoint import ASSETS, SHIPPED, load_model, read_metadata, save
 from ..generate import Generated, generate, image_shape, sampling_plan
 from ..io import atomic_write_bytes, image_grid, save_npz, save_png
 from ..networks import NETWORK_PRESETS, config_to_dict
 from ..preconditioning import num_parameters
 from .common import (
     DTYPES,
+    HelpFormatter,
     add_model_args,
     add_time_point_args,
     check_device,
+    check_grid_use,
     check_out_dir,
     load_for_sampling,
+    plural,
     positive,
 )
 
@@ -33,8 +35,10 @@ def register(sub) -> None:
         help="generate images into a PNG grid and a uint8 .npz",
         description="Generate images. A consistency model runs Algorithm 1 (one step by default, or several with "
         "--steps/--sigmas/--ts); an EDM teacher checkpoint runs EDM's Heun sampler (--steps Heun steps, default 18 "
-        "= 35 network evaluations). Image i uses seed SEED+i, so results do not depend on --batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "= 35 network evaluations). Image i uses seed SEED+i, so results do not depend on --batch. Shipped models: "
+        + "; ".join(f"{name} ({what})" for name, what in SHIPPED.items())
+        + ".",
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     add_time_point_args(p)
@@ -72,7 +76,7 @@ def register(sub) -> None:
         help="re-save a model (checkpoint, official .pt or shipped name) in the cmfast format, e.g. as fp16",
         description="Load any model --model accepts and write it as a cmfast .safetensors file, optionally storing "
         "the weights in half precision (loading always gives float32 weights).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", help="a cmfast .safetensors file, an official .pt file or a shipped model name")
     p.add_argument("dest", help="output .safetensors path (written atomically)")
@@ -99,12 +103,16 @@ def cmd_sample(args) -> None:
     positive("--num", num)
     if not 0 <= args.seed <= 2**63 - 1 - num:
         raise ValueError(f"--seed must lie in [0, 2^63 - 1 - num], got {args.seed}")
+    check_grid_use(args)
     device = check_device(args.device)
     check_out_dir(args.out)
     model = load_for_sampling(args.model, device, args.dtype, args.fused)
+    check_memory(num, image_shape(model), available_memory())
     plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid, graph=args.graph)
     if plan.graph_refused:
         print(f"cmfast: --graph: {plan.graph_refused}; sampling eagerly", file=sys.stderr)
+    if plan.warning:
+        print(f"cmfast sample: warning: {plan.warning}", file=sys.stderr)
     run = {
         "model": args.model,
         "kind": model.kind,
@@ -120,17 +128,54 @@ def cmd_sample(args) -> None:
     }
     run.update({k: v for k, v in plan.record().items() if k not in ("ts", "grid")})  # the sigmas say it all
     result = generate(model, plan, num, args.batch, args.seed, args.class_label, progress=not args.no_progress)
-    run["seconds"] = result.seconds
+    rate, covers = result.images_per_second()
+    run.update(seconds=result.seconds, images_per_second=rate, images_per_second_covers=covers)
     extra = {"seeds": np.arange(args.seed, args.seed + num)}
     extra.update({"heun_steps": np.array(plan.heun_steps)} if plan.teacher else {"sigmas": np.array(plan.sigmas)})
     png, npz = write_samples(args.out, "samples", result, extra)
     atomic_write_bytes(os.path.join(args.out, "samples.json"), json.dumps(run, indent=2).encode())
     print(
-        f"wrote {png}, {npz} and samples.json: {num} images, {plan.evaluations} evaluations each, "
-        f"{result.seconds:.2f} s ({num / result.seconds:.1f} images/s on {device}, {args.dtype})"
+        f"wrote {png}, {npz} and samples.json: {plural(num, 'image')}, {plural(plan.evaluations, 'evaluation')} "
+        f"each, {result.seconds:.2f} s ({rate:.1f} images/s {covers}, on {device}, {args.dtype})"
     )
     if args.model in NETWORK_PRESETS:
         print(f"note: {args.model} is a preset with random (untrained) weights")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory that can be had without swapping (Linux's MemAvailable, else the free pages), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        return None
+
+
+def check_memory(num: int, shape: tuple[int, int, int], available: int | None) -> None:
+    """Refuse, before sampling, a run whose uint8 images alone (all held for the .npz) exceed `available` bytes."""
+    needed = num * shape[0] * shape[1] * shape[2]
+    if available is not None and needed > available:
+        raise ValueError(
+            f"--num {num}: the {shape[2]}x{shape[1]}x{shape[0]} uint8 images need {needed / 2**30:.1f} GiB, "
+            f"but only {available / 2**30:.1f} GiB of memory is available; sample fewer images per run (other --seed)"
+        )
+
+
+def checkpoint_format(spec: str) -> str:
+    """What kind of file `spec` (a shipped name or a path, as load_model takes it) is, judged by its content."""
+    path = ASSETS / f"{spec}.safetensors" if spec in SHIPPED else spec
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # what load_model also takes for an official torch.save file
+        return "official PyTorch state dict (.pt)"
+    shipped = " (shipped with cmfast)" if spec in SHIPPED else ""
+    return f"cmfast safetensors v{read_metadata(path)['version']}{shipped}"
 
 
 def cmd_info(args) -> None:
@@ -150,10 +195,8 @@ def cmd_info(args) -> None:
     }
     if args.checkpoint in NETWORK_PRESETS:
         info["note"] = "a preset: random weights"
-    elif args.checkpoint.endswith(".safetensors"):
-        info["format"] = f"cmfast safetensors v{read_metadata(args.checkpoint)['version']}"
     else:
-        info["format"] = "official PyTorch state dict (.pt)"
+        info["format"] = checkpoint_format(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2))
         return

@@ -69,7 +69,7 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {"mu", "sigma"} <= set(npz.files)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # an empty or truncated file: let the dataset loader say what it is
         return False
 
 

@@ -13,6 +13,8 @@ FID is `frechet.frechet_distance` on the fitted Gaussians; KID (Binkowski et al.
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +97,29 @@ def inception_weights(path: str | os.PathLike | None = None) -> str:
     return cached
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a torch.save'd state dict, unpickled with weights_only=True (nothing but tensors and plain
+    containers can load), or a one-line ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Inception weights {path}: not a readable state dict ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"Inception weights {path}: not a state dict of tensors")
+    return state
+
+
+def build_from_state_dict(build, state: dict[str, Tensor]):
+    """build(path) for a constructor that insists on reading its weights from a file (torch-fidelity's unpickles it
+    with weights_only=False): it gets a private copy of the verified `state`, written here and deleted after, so the
+    user's file is unpickled once, safely, and never by the constructor."""
+    with tempfile.TemporaryDirectory(prefix="cmfast-weights-") as folder:
+        private = os.path.join(folder, "state_dict.pt")
+        torch.save(state, private)
+        return build(private)
+
+
 class InceptionFeatures:
     """torch-fidelity's TF-Inception port: (N, 2048) pool3 features and (N, 1008) unbiased logits per image.
 
@@ -106,13 +131,13 @@ class InceptionFeatures:
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         FeatureExtractorInceptionV3 = _fidelity("feature_extractor_inceptionv3").FeatureExtractorInceptionV3
         self.source = inception_weights(weights)
-        try:  # refuse anything but plain tensors before torch-fidelity unpickles the file itself
-            torch.load(self.source, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"Inception weights {self.source}: not a readable state dict ({err})") from None
+        state = read_state_dict(self.source)
         try:
-            self.model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=self.source
+            self.model = build_from_state_dict(
+                lambda path: FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path
+                ),
+                state,
             )
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
@@ -178,6 +203,21 @@ def load_reference(path: str | os.PathLike, space: str) -> Reference:
     return Reference(os.fspath(path), space, mu, sigma, features, meta)
 
 
+DIGITS_NAME = re.compile(r"digits(-rgb)?\d*")  # the built-in digits, as cmfast.data.load_dataset names them
+
+
+def resolve_split(spec: str | None, split: str | None) -> str:
+    """The split to load `spec` (None: the built-in digits) with: the given one, else "test", for the built-in digits;
+    "all" for any other dataset, which is one whole set. A dataset path that does not exist is refused here, so that
+    this, not the split, is what the user hears; a split given for a user dataset is passed on, for the loader to
+    refuse."""
+    if spec is None or DIGITS_NAME.fullmatch(spec):
+        return split or "test"
+    if not os.path.exists(spec):
+        raise ValueError(f"{spec}: no such file or folder")
+    return "all" if split in (None, "all", "train") else split
+
+
 def reference_for(space, spec: str | None, split: str, size: int, channels: int, progress: bool = False) -> Reference:
     """`spec`: a statistics .npz, a dataset (as --data takes: digits8, a folder, an image .npz) or None for the built-in
     digits at the generated images' size and channels. `split` divides only the digits."""
@@ -199,7 +239,8 @@ def compute_metrics(
     seed: int = 2020,
 ) -> dict:
     """FID of `features` (generated, (N, D)) against `ref`; KID and precision/recall when the reference keeps its
-    features; the score (IS, 10 splits) from `logits`. KID subsets are capped at the smaller set's size."""
+    features; the score (IS, 10 splits) from `logits`. KID subsets are capped at the smaller set's size; kid_std is
+    None when a subset is a whole set, precision and recall are None when a set has at most `neighborhood` images."""
     isc_features_to_metric = _fidelity("metric_isc").isc_features_to_metric
     kid_features_to_metric = _fidelity("metric_kid").kid_features_to_metric
     prc_features_to_metric = _fidelity("metric_prc").prc_features_to_metric
@@ -216,9 +257,13 @@ def compute_metrics(
             gen, real, kid_subsets=kid_subsets, kid_subset_size=size, verbose=False, rng_seed=seed
         )
         out["kid"] = kid["kernel_inception_distance_mean"]
-        out["kid_std"] = kid["kernel_inception_distance_std"]
-        prc = prc_features_to_metric(gen, real, prc_neighborhood=neighborhood, verbose=False)
-        out["precision"], out["recall"] = prc["precision"], prc["recall"]
+        # A subset as large as its whole set is the same every time, so the std would miss that set's sampling spread
+        whole = size in (len(gen), len(real))
+        out["kid_std"] = None if whole else kid["kernel_inception_distance_std"]
+        out["precision"] = out["recall"] = None  # each point needs `neighborhood` neighbours in its own set
+        if min(len(gen), len(real)) > neighborhood:
+            prc = prc_features_to_metric(gen, real, prc_neighborhood=neighborhood, verbose=False)
+            out["precision"], out["recall"] = prc["precision"], prc["recall"]
     if logits is not None:
         score = isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits=min(10, len(logits)), rng_seed=seed)
         out["is"], out["is_std"] = score["inception_score_mean"], score["inception_score_std"]
