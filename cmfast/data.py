@@ -279,6 +279,8 @@ def load_npz(path: str | os.PathLike, key: str | None = None, resolution: int | 
     layout = _layout(x.shape)
     if layout is None:
         raise DataError(f"{file}: {key!r} has shape {x.shape}; expected (N, H, H, C) or (N, C, H, H), C in {{1, 3}}")
+    if len(x) == 0:
+        raise DataError(f"{file}: {key!r} holds no images")
     if layout == "NCHW":
         x = x.transpose(0, 2, 3, 1)
     if resolution is not None and x.shape[1] != resolution:

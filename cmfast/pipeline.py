@@ -86,8 +86,13 @@ def panel(rows: list[Row], scale: int = 4) -> np.ndarray:
 
 
 def run_pipeline(out: str | Path, teacher_steps: int, cd_steps: int, seed: int = 0, progress: bool = True) -> str:
-    """Train, distill, sample and compare; writes PNGs under `out` and returns the printed table."""
+    """Train, distill, sample and compare; writes PNGs under `out` and returns the printed table.
+
+    `out` must be missing or empty: an earlier demo there is not resumed or replaced, so nothing is lost by accident.
+    """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty (an earlier demo?); remove it or pick another directory")
     t0 = time.perf_counter()
     teacher_path, student_path = train_models(out, teacher_steps, cd_steps, seed, progress)
     train_seconds = time.perf_counter() - t0

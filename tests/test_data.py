@@ -361,6 +361,9 @@ def test_npz_errors_name_the_file(tmp_path):
         load_npz(tmp_path / "pickled.npz")
     with pytest.raises(DataError, match=r"missing\.npz: no such file"):
         load_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"empty\.npz: 'images' holds no images"):
+        load_npz(tmp_path / "empty.npz")
 
 
 # --- load_dataset -------------------------------------------------------------------------------------------------

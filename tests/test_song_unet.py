@@ -155,6 +155,16 @@ def test_fourier_embedding_formula():
     np.testing.assert_allclose(emb(x).numpy(), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [16.0, 0.02])
+def test_fourier_scale_comes_from_the_config(scale):
+    """EDM's NCSN++ draws its frequencies with std 16, iCT's with std 0.02; the default keeps EDM's."""
+    assert NETWORK_PRESETS["ncsnpp-cifar10"].fourier_scale == 16.0
+    torch.manual_seed(0)
+    config = dataclasses.replace(NETWORK_PRESETS["ncsnpp-tiny"], model_channels=512, fourier_scale=scale)
+    freqs = SongUNet(config).map_noise.freqs
+    assert freqs.numel() == 512 and 0.9 * scale < freqs.std().item() < 1.1 * scale
+
+
 def test_fir_11_upsample_is_nearest_and_downsample_is_average_pool():
     x = torch.randn(3, 5, 6, 10, dtype=torch.float64)
     up = Conv2d(5, 5, kernel=0, up=True, resample_filter=(1, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..pipeline import run_pipeline
@@ -32,6 +33,7 @@ OVERRIDES = {
     "checkpoint_every": "checkpoint_every",
     "keep": "keep_checkpoints",
     "sample_every": "sample_every",
+    "max_bad_steps": "max_bad_steps",
 }
 CD_OVERRIDES = {
     "teacher": "teacher",
@@ -62,13 +64,13 @@ def register(sub) -> None:
             "--run-dir; --resume continues from the newest readable checkpoint there.",
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        p.add_argument("--preset", default=default_preset, choices=presets, help="training preset")
+        p.add_argument("--preset", choices=presets, help=f"training preset (default: {default_preset})")
         p.add_argument("--run-dir", required=True, help="directory for this run's outputs")
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (its config.json rules)")
         p.add_argument("--data", help="dataset: digits8/digits16/digits32, an image folder or an .npz file")
         if kind != "cd":
             p.add_argument("--network", help="network preset (see `cmfast info PRESET`)")
-        p.add_argument("--steps", type=int, help="total optimizer steps K (on --resume: extend the run to K)")
+        p.add_argument("--steps", type=int, help="total optimizer steps K (on --resume: train on to step K)")
         p.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
         p.add_argument("--lr", type=float, help="RAdam learning rate")
         p.add_argument("--ema", type=_rates, help="online EMA rates, e.g. 0.999,0.9999")
@@ -79,6 +81,9 @@ def register(sub) -> None:
         p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
         p.add_argument("--keep", type=int, help="checkpoints to keep")
         p.add_argument("--sample-every", type=int, help="training images between sample grids (0: only at the end)")
+        p.add_argument(
+            "--max-bad-steps", type=int, help="consecutive skipped (non-finite) steps tolerated; one more stops the run"
+        )
         p.add_argument("--device", help="torch device (default: this process's GPU under torchrun, else cpu)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         p.add_argument(
@@ -102,14 +107,26 @@ def register(sub) -> None:
             p.add_argument("--s1", type=int, help="final discretization steps")
             p.add_argument("--mu0", type=float, help="initial target EMA rate")
             p.add_argument("--mu-variant", choices=["paper", "official"], help="mu(k) with N(k) or N(k) - 1")
-            p.add_argument("--ict", action="store_true", default=None, help="all improved-CT options")
+            p.add_argument(
+                "--ict",
+                action="store_true",
+                default=None,
+                help="all improved-CT options and settings (pseudo-Huber, s0=10, s1=1280, iCT's dropout and Fourier "
+                "scale); flags that name a setting still win",
+            )
+            p.add_argument(
+                "--rescale-schedule",
+                action="store_true",
+                help="with --resume --steps K: stretch N(k) and mu(k) over the new K (they jump); by default the "
+                "schedule keeps the K the run started with",
+            )
         if kind != "edm":
             p.add_argument(
                 "--distance",
                 choices=["l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"],
                 help="distance d of the consistency loss",
             )
-        p.set_defaults(handler=run_command, kind=kind)
+        p.set_defaults(handler=run_command, kind=kind, default_preset=default_preset)
 
     p = sub.add_parser(
         "demo",
@@ -128,9 +145,63 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
+def _flag_table(kind: str) -> dict[str, str]:
+    extra = {"cd": CD_OVERRIDES, "ct": {**CT_OVERRIDES, "ict": "ict"}}.get(kind, {})
+    return {**OVERRIDES, **extra}
+
+
+def _same(given, stored) -> bool:
+    if isinstance(given, tuple | list) and isinstance(stored, tuple | list):
+        return tuple(given) == tuple(stored)
+    return given == stored
+
+
+def resume_config(args, data: dict) -> TrainConfig:
+    """The run's own config (config.json) for --resume. --steps may change the run's end (the schedule's K stays
+    unless --rescale-schedule, and either way a line says so); --teacher may point to a moved teacher (the trainer
+    checks its hash). Every other flag must agree with the run's value: it is refused, never silently ignored."""
+    if getattr(args, "preset", None) is not None:
+        raise ValueError("--resume continues the run's own config.json; drop --preset")
+    fixed = {k: v for k, v in _flag_table(args.kind).items() if k not in ("steps", "teacher")}
+    for flag, field in fixed.items():
+        given = getattr(args, flag, None)
+        if given is not None and not _same(given, data.get(field)):
+            raise ValueError(
+                f"--resume: --{flag.replace('_', '-')} {given} differs from the run's {field} = {data.get(field)} "
+                "(config.json); drop it, or start a new --run-dir"
+            )
+    if args.kind == "cd" and args.teacher is not None and Path(args.teacher).resolve() != Path(data["teacher"]):
+        print(f"cmfast: --resume: teacher {data['teacher']} replaced by {args.teacher} (checked by SHA-256)")
+        data["teacher"] = args.teacher
+    if args.kind == "ct" and data.get("schedule_steps") is None:
+        data["schedule_steps"] = data["total_steps"]  # a run from before schedules were pinned: keep its K
+    if args.steps is not None and args.steps != data["total_steps"]:
+        if args.kind == "ct":
+            old = data["schedule_steps"]
+            if getattr(args, "rescale_schedule", False):
+                data["schedule_steps"] = args.steps
+                print(
+                    f"cmfast: --rescale-schedule: the schedule's K changes from {old} to {args.steps}; "
+                    "N(k) and mu(k) jump"
+                )
+            else:
+                print(
+                    f"cmfast: training to step {args.steps}; N(k) and mu(k) keep K = {old} "
+                    "(--rescale-schedule stretches them)"
+                )
+        data["total_steps"] = args.steps
+    elif getattr(args, "rescale_schedule", False):
+        raise ValueError("--rescale-schedule needs --resume --steps K with a new K")
+    return TrainConfig.from_dict(data)
+
+
 def train_config(args) -> TrainConfig:
-    """The preset with the flags applied, or (on --resume) the run's own config with only --steps changeable."""
+    """The preset with the flags applied, or (on --resume) the run's own config (see `resume_config`)."""
     run_dir = Path(args.run_dir)
+    if getattr(args, "lr", None) is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise ValueError(f"--seed must not be negative, got {args.seed}")
     if args.resume:
         path = run_dir / "config.json"
         if not path.is_file():
@@ -139,14 +210,11 @@ def train_config(args) -> TrainConfig:
         data = {k: v for k, v in data.items() if k in TrainConfig.__dataclass_fields__}
         if data.get("kind") != args.kind:
             raise ValueError(f"--resume: {run_dir} holds a {data.get('kind')!r} run, not {args.kind!r}")
-        if args.steps is not None:
-            data["total_steps"] = args.steps
-        return TrainConfig.from_dict(data)
-    table = {**OVERRIDES, **(CD_OVERRIDES if args.kind == "cd" else {}), **(CT_OVERRIDES if args.kind == "ct" else {})}
-    overrides = {field: getattr(args, flag, None) for flag, field in table.items()}
-    if args.kind == "ct":
-        overrides["ict"] = args.ict
-    return preset_config(args.preset, **overrides)
+        return resume_config(args, data)
+    if getattr(args, "rescale_schedule", False):
+        raise ValueError("--rescale-schedule applies only to --resume --steps K")
+    overrides = {field: getattr(args, flag, None) for flag, field in _flag_table(args.kind).items()}
+    return preset_config(args.preset or args.default_preset, **overrides)
 
 
 def run_command(args) -> None:

@@ -31,6 +31,7 @@ class SongUNetConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
     dropout: float = 0.10
     embedding_type: str = "positional"  # "positional" (DDPM++) or "fourier" (NCSN++)
+    fourier_scale: float = 16.0  # std of NCSN++'s random Fourier frequencies (16 in EDM; iCT uses 0.02)
     channel_mult_noise: int = 1  # noise-embedding width multiplier: 1 (DDPM++) or 2 (NCSN++)
     encoder_type: str = "standard"  # "standard" (DDPM++) or "residual" (NCSN++)
     decoder_type: str = "standard"

@@ -25,7 +25,6 @@ SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled to keep unit variance
 GROUP_NORM_EPS = 1e-6  # SongUNet passes eps=1e-6 to every GroupNorm
 INIT_ZERO = 1e-5  # weight scale of the last conv of each branch: near zero, so every block starts close to identity
 INIT_ATTN = math.sqrt(0.2)  # weight scale of the qkv projection
-FOURIER_SCALE = 16.0  # std of the NCSN++ random Fourier frequencies
 MAX_POSITIONS = 10000  # lowest positional-embedding frequency is 1 / MAX_POSITIONS
 
 
@@ -226,14 +225,15 @@ class PositionalEmbedding(nn.Module):
 
 
 class FourierEmbedding(nn.Module):
-    """NCSN++ noise embedding. (B,) -> (B, num_channels) = [sin(2 pi x f), cos(2 pi x f)], f ~ N(0, FOURIER_SCALE^2).
+    """NCSN++ noise embedding. (B,) -> (B, num_channels) = [sin(2 pi x f), cos(2 pi x f)], f ~ N(0, scale^2).
 
     The random frequencies are a buffer, so they are saved with the weights. [sin, cos] is EDM's order after its swap.
+    scale is 16 in EDM's NCSN++ and 0.02 in iCT's.
     """
 
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, scale: float = 16.0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * FOURIER_SCALE)
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.outer(2 * math.pi * self.freqs.to(x.dtype))
@@ -269,7 +269,7 @@ class SongUNet(nn.Module):
         self.map_noise = (
             PositionalEmbedding(noise_channels)
             if c.embedding_type == "positional"
-            else FourierEmbedding(noise_channels)
+            else FourierEmbedding(noise_channels, c.fourier_scale)
         )
         self.map_label = Linear(c.label_dim, noise_channels) if c.label_dim else None
         self.map_augment = Linear(c.augment_dim, noise_channels, bias=False) if c.augment_dim else None

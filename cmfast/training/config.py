@@ -7,9 +7,13 @@ The resolved config is written as JSON into the run directory (`config.json`) an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+from ..networks import NETWORK_PRESETS
+
 KINDS = ("edm", "cd", "ct")
+LPIPS_POOLING = ("max", "avg")
 
 
 @dataclass
@@ -19,13 +23,16 @@ class TrainConfig:
         "ddpmpp-digits8"  # network preset (cmfast.NETWORK_PRESETS); CD students use the teacher's architecture
     )
     dataset: str | None = "digits8"  # "digits8/16/32", an image folder or an .npz file
-    teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors)
+    teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors); absolute once run
+    teacher_sha256: str | None = None  # CD only: content hash of the teacher, so a moved teacher can be found again
 
-    total_steps: int = 2000  # K, optimizer steps
+    total_steps: int = 2000  # optimizer steps to train for
+    schedule_steps: int | None = None  # CT: K of N(k), mu(k) and iCT's K'; None: total_steps (kept when a run grows)
     batch_size: int = 64  # global batch, split evenly over processes
     lr: float = 4e-4  # RAdam, constant (no decay, no warm-up, no weight decay)
     ema_rates: tuple[float, ...] = (0.9999,)  # online-weight EMAs kept for evaluation
-    dropout: float | None = None  # overrides the network preset's dropout when set
+    dropout: float | None = None  # overrides the network's dropout when set; None: the preset's (CD students: 0)
+    fourier_scale: float | None = None  # overrides the NCSN++ Fourier-embedding scale when set (iCT: 0.02)
     xflip: bool = False  # horizontal flips (off for digits: a flipped digit is not a digit)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 uses dynamic loss scaling); master weights are fp32
 
@@ -35,6 +42,7 @@ class TrainConfig:
 
     # Consistency losses
     distance: str | None = None  # "l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"; None: LPIPS (iCT: p.-H.)
+    lpips_pooling: str = "max"  # LPIPS backbone pooling: "max" (CIFAR-10 JAX code) or "avg" (ImageNet-64/LSUN code)
     num_scales: int = 18  # CD: N, points of the Karras grid
     solver: str = "heun"  # CD: teacher ODE solver, "heun" or "euler"
     target_ema: float = 0.0  # CD: mu, EMA rate of the target network
@@ -54,7 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # the last M checkpoints are kept
     sample_every: int = 16384  # training images between sample grids in the run directory; 0 = only at the end
-    max_bad_steps: int = 20  # consecutive non-finite steps tolerated before the run stops
+    max_bad_steps: int = 20  # consecutive skipped (non-finite) steps tolerated; one more stops the run
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact resume tests
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run
 
@@ -64,14 +72,32 @@ class TrainConfig:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.total_steps < 1 or self.batch_size < 1:
-            raise ValueError("total_steps and batch_size must be positive")
+        for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be a positive integer, got {self.schedule_steps}")
+        if self.seed < 0 or self.max_bad_steps < 0 or self.sample_every < 0:
+            raise ValueError("seed, max_bad_steps and sample_every must not be negative")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the learning rate must be a positive finite number, got {self.lr}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.fourier_scale is not None and not (math.isfinite(self.fourier_scale) and self.fourier_scale > 0):
+            raise ValueError(f"fourier_scale must be a positive finite number, got {self.fourier_scale}")
+        if self.lpips_pooling not in LPIPS_POOLING:
+            raise ValueError(f"lpips_pooling must be one of {LPIPS_POOLING}, got {self.lpips_pooling!r}")
         if self.kind == "cd" and not self.teacher:
             raise ValueError("consistency distillation needs a teacher checkpoint (--teacher)")
         if self.dataset is None:
             raise ValueError("no dataset: pass --data (digits16, an image folder or an .npz file)")
         if not all(0 <= r < 1 for r in self.ema_rates) or not 0 <= self.target_ema < 1:
             raise ValueError("EMA rates must lie in [0, 1)")
+
+    @property
+    def schedule_total(self) -> int:
+        """K of the CT schedules: fixed when the run started, unless a resume asked to stretch it."""
+        return self.schedule_steps or self.total_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +117,14 @@ def _paper(kind, network, dataset, **kw) -> dict:
 
 # Table 3 of the paper (REFERENCE.md section 6). Datasets are not shipped: pass --data. CD presets need --teacher.
 _CIFAR = dict(
-    sample_every=1_024_000, batch_size=512, lr=4e-4, ema_rates=(0.9999,), total_steps=800_000, xflip=True, dropout=0.0
+    sample_every=1_024_000,
+    batch_size=512,
+    lr=4e-4,
+    ema_rates=(0.9999,),
+    total_steps=800_000,
+    xflip=True,
+    dropout=0.0,
+    lpips_pooling="max",
 )
 _IN64 = dict(
     sample_every=1_024_000,
@@ -101,6 +134,7 @@ _IN64 = dict(
     mixed_precision="fp16",
     xflip=True,
     dropout=0.0,
+    lpips_pooling="avg",
 )
 _LSUN = dict(
     sample_every=1_024_000,
@@ -110,6 +144,7 @@ _LSUN = dict(
     mixed_precision="fp16",
     xflip=True,
     dropout=0.0,
+    lpips_pooling="avg",
 )
 _DIGITS = dict(network="ddpmpp-digits8", dataset="digits8", batch_size=64, ema_rates=(0.999,), checkpoint_every=1000)
 _RGB = dict(network="ddpmpp-digits8-rgb", dataset="digits-rgb8")
@@ -147,9 +182,35 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 
+# iCT's settings (Song & Dhariwal 2023) that differ from CT's: pseudo-Huber, the exponential curriculum's s0 and s1,
+# the dropout of its CIFAR-10 and ImageNet-64 networks, and NCSN++'s Fourier scale (0.02 instead of EDM's 16).
+ICT_SETTINGS = dict(distance="pseudo-huber", s0=10, s1=1280)
+ICT_DROPOUT = {"ncsnpp-cifar10": 0.3, "ddpmpp-cifar10": 0.3, "adm-imagenet64": 0.2}
+ICT_FOURIER_SCALE = 0.02
+
+
+def ict_settings(network: str) -> dict:
+    """The config values an iCT run of `network` takes unless a flag names them."""
+    out = dict(ICT_SETTINGS)
+    if network in ICT_DROPOUT:
+        out["dropout"] = ICT_DROPOUT[network]
+    if getattr(NETWORK_PRESETS.get(network), "embedding_type", None) == "fourier":
+        out["fourier_scale"] = ICT_FOURIER_SCALE
+    return out
+
+
 def preset_config(name: str, **overrides) -> TrainConfig:
-    """The preset `name` with `overrides` applied (None values are ignored), validated."""
+    """The preset `name` with `overrides` applied (None values are ignored), validated.
+
+    With ict=True the iCT values (`ict_settings`) replace the preset's CT values (a CT preset's l2 or LPIPS, s0=2,
+    s1=150, dropout 0, Fourier scale 16); an override still wins, as does an iCT preset's own value.
+    """
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
-    values = {**TRAIN_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    preset = TRAIN_PRESETS[name]
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    values = {**preset, **explicit}
+    if values.get("ict"):
+        keep = set(explicit) | (set(preset) if preset.get("ict") else set())
+        values.update({k: v for k, v in ict_settings(values.get("network", "")).items() if k not in keep})
     return TrainConfig(**values)

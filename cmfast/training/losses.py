@@ -226,10 +226,10 @@ class CDLoss(_ConsistencyLoss):
 class CTLoss(_ConsistencyLoss):
     """Consistency training (Algorithm 3): the target sees x + t_n z with the online network's z.
 
-    The grid size N(k) follows the training iteration `step` of `total_steps`: "ct" curriculum N(k) of Appendix C
-    (s0=2, s1=150 by default) or iCT's exponential "ict" curriculum (s0=10, s1=1280). `target_ema(step)` gives the
-    trainer mu(k) (`mu_variant` "paper" or "official", see schedules.ct_target_ema), or 0 when target is None
-    (stopgrad of the online network).
+    The grid size N(k) follows the training iteration `step` of `total_steps` (K; capped there): "ct" curriculum N(k)
+    of Appendix C (s0=2, s1=150 by default) or iCT's exponential "ict" curriculum (s0=10, s1=1280).
+    `target_ema(step)` gives the trainer mu(k) (`mu_variant` "paper" or "official", see schedules.ct_target_ema), or
+    0 when target is None (stopgrad of the online network).
 
     ict=True switches on all iCT options (Song & Dhariwal 2023): pseudo-Huber distance, lognormal index sampling
     (p_mean, p_std), the exponential curriculum, weighting 1 / (t_(n+1) - t_n) and mu = 0 (target must be None).
@@ -282,16 +282,18 @@ class CTLoss(_ConsistencyLoss):
             ct_target_ema(0, self.total_steps, self.s0, self.s1, self.mu0, mu_variant)  # validate mu0 early
 
     def num_scales(self, step: int) -> int:
-        """N(k) at training iteration k = step."""
+        """N(k) at training iteration k = step; past K (a run trained on beyond its schedule) N(K)."""
+        step = min(step, self.total_steps)
         if self.curriculum == "ict":
             return ict_num_scales(step, self.total_steps, self.s0, self.s1)
         return ct_num_scales(step, self.total_steps, self.s0, self.s1)
 
     def target_ema(self, step: int) -> float:
-        """mu(k), the target network's EMA rate after iteration k = step; 0 without a target network (iCT)."""
+        """mu(k), the target network's EMA rate after iteration k = step (mu(K) past K); 0 without a target network
+        (iCT)."""
         if self.target is None:
             return 0.0
-        return ct_target_ema(step, self.total_steps, self.s0, self.s1, self.mu0, self.mu_variant)
+        return ct_target_ema(min(step, self.total_steps), self.total_steps, self.s0, self.s1, self.mu0, self.mu_variant)
 
     def __call__(
         self,

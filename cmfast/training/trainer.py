@@ -1,8 +1,10 @@
 """The training loop for EDM teachers, consistency distillation (Algorithm 2) and consistency training (Algorithm 3).
 
 Run directory layout:
+    lock                        the pid and host of the process writing here (one writer at a time)
     config.json                 the resolved TrainConfig (plus the network config actually built)
-    log.jsonl                   one JSON line per logged step (loss, images/s, schedule values, skipped steps)
+    log.jsonl                   one JSON line per logged step (loss, images/s, schedule values, skipped steps);
+                                "step" counts the steps done, skipped ones included
     checkpoints/ckpt-*.safetensors   the last `keep_checkpoints` training states (atomic writes)
     samples/step-*.png          sample grids from the first EMA
     model.safetensors           the first EMA of the online weights at the end (cmfast format, for sampling)
@@ -11,7 +13,8 @@ Run directory layout:
 Randomness is derived, not carried: the data order comes from a per-epoch permutation of (seed, epoch), and every
 sample's noise, flips and time index come from its own generator seeded by (seed, step, sample position). So a run
 gives the same weights whether it is split over processes or not, and a resumed run repeats the uninterrupted one;
-only dropout masks use torch's global RNG, whose state is checkpointed.
+only dropout masks use torch's global RNG, whose state is checkpointed. The CT schedules N(k) and mu(k) advance only
+on taken steps (a step skipped for non-finite values does not move them), as in the official code.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -32,11 +37,12 @@ from ..checkpoint import save as save_model
 from ..data import load_dataset
 from ..generate import run_plan, sampling_plan
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
-from ..networks import build_network, config_to_dict, network_config, set_fused_ops
+from ..networks import SongUNetConfig, build_network, config_to_dict, network_config, set_fused_ops
 from ..preconditioning import ConsistencyModel, EDMDenoiser
 from ..sampling import generators_from_seeds, randn
 from . import state as ckpt
 from .config import TrainConfig
+from .distances import get_distance
 from .distributed import init_distributed
 from .graph_step import CapturedCDStep, captured_step_problems
 from .losses import CDLoss, CTLoss, EDMLoss
@@ -44,10 +50,55 @@ from .state import TrainingError
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# A training step keeps far more than this many image-sized fp32 activations per sample (a U-Net's feature maps are
+# tens to hundreds of channels at several resolutions), so batch x image bytes x this factor is a lower bound on the
+# memory a batch needs; a batch above the device's memory by this bound cannot run and is refused up front.
+ACTIVATION_FACTOR = 100
+
 
 def sample_seed(seed: int, step: int, position: int) -> int:
     """Seed of the generator that draws one sample's randomness at one step (independent of how work is split)."""
     return hash((seed, step, position)) & (2**63 - 1)
+
+
+def batch_memory_bound(batch: int, channels: int, resolution: int) -> int:
+    """Bytes a training batch needs at least: batch x one fp32 image x ACTIVATION_FACTOR."""
+    return batch * channels * resolution**2 * 4 * ACTIVATION_FACTOR
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of `device` in bytes: the GPU's, or the machine's physical memory for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_batch_fits(batch: int, channels: int, resolution: int, available: int) -> None:
+    need = batch_memory_bound(batch, channels, resolution)
+    if need > available:
+        raise ValueError(
+            f"batch {batch} cannot fit: {batch} x {channels}x{resolution}x{resolution} fp32 images x "
+            f"{ACTIVATION_FACTOR} (a lower bound on activations) = {need / 2**30:.1f} GiB, but the device has "
+            f"{available / 2**30:.1f} GiB; lower --batch"
+        )
+
+
+def pinned_teacher(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the teacher's absolute path and content hash; a teacher whose hash differs from the recorded one (a
+    different file, or a moved one replaced by another) is refused."""
+    path = Path(cfg.teacher).expanduser().resolve()
+    if not path.is_file():
+        hint = "; if it moved, pass --teacher with its new path (checked by SHA-256)" if cfg.teacher_sha256 else ""
+        raise ValueError(f"teacher {cfg.teacher}: no such file{hint}")
+    digest = ckpt.file_sha256(path)
+    if cfg.teacher_sha256 and digest != cfg.teacher_sha256:
+        raise ValueError(f"teacher {path} is not this run's teacher: its SHA-256 differs from the one in config.json")
+    return dataclasses.replace(cfg, teacher=str(path), teacher_sha256=digest)
+
+
+def all_finite(tensors) -> bool:
+    tensors = [t for t in tensors if t.is_floating_point()]
+    return not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
 
 
 class Trainer:
@@ -61,12 +112,32 @@ class Trainer:
         graph: bool = False,
         fused: bool = False,
     ):
+        self.run_dir = Path(run_dir)
+        if resume and not self.run_dir.is_dir():
+            raise ckpt.ResumeError(f"--resume: {self.run_dir} does not exist")
+        if config.kind == "cd":
+            config = pinned_teacher(config)
+        if config.kind == "ct" and config.schedule_steps is None and not resume:
+            config = dataclasses.replace(config, schedule_steps=config.total_steps)  # K stays fixed if the run grows
         self.cfg = config
         self.fused = fused
-        self.run_dir = Path(run_dir)
         self.progress = progress
         self.dist = init_distributed(device)
         self.device = self.dist.device
+        self._lock = ckpt.RunLock(self.run_dir) if self.dist.is_main else None
+        if self._lock is not None:
+            self._lock.acquire()
+            weakref.finalize(self, self._lock.release)  # a Trainer dropped without train() frees the directory
+        try:
+            self._set_up(config, resume, graph)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _set_up(self, config: TrainConfig, resume: bool, graph: bool) -> None:
+        if self.dist.is_main:
+            ckpt.remove_stale_temporaries(self.run_dir)  # left by a run killed mid-write; we hold the lock
         if config.batch_size % self.dist.world:
             raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.dist.world} processes")
         if config.deterministic:
@@ -85,7 +156,8 @@ class Trainer:
         self.optimizer = torch.optim.RAdam(self.online.parameters(), lr=config.lr, capturable=self.graph)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.loss_fn = self._build_loss()
-        self.step = 0
+        self.step = 0  # steps done, skipped ones included: indexes the data order and the noise
+        self.taken_steps = 0  # steps applied: the k of the CT schedules N(k) and mu(k)
         self.bad_steps = 0
         self._perms: dict[int, torch.Tensor] = {}
         if resume:
@@ -106,9 +178,16 @@ class Trainer:
             net_config = self.teacher.net.config
         else:
             net_config = network_config(cfg.network)
-        if cfg.dropout is not None:
-            net_config = dataclasses.replace(net_config, dropout=cfg.dropout)
+        # students use dropout 0 unless asked (the paper and the official scripts), whatever the teacher trained with
+        dropout = 0.0 if cfg.dropout is None and cfg.kind == "cd" else cfg.dropout
+        if dropout is not None:
+            net_config = dataclasses.replace(net_config, dropout=dropout)
+        if cfg.fourier_scale is not None:
+            if cfg.kind == "cd" or not isinstance(net_config, SongUNetConfig) or net_config.embedding_type != "fourier":
+                raise ValueError("fourier_scale applies to NCSN++ networks (Fourier embedding) trained from scratch")
+            net_config = dataclasses.replace(net_config, fourier_scale=cfg.fourier_scale)
         size = net_config.resolution
+        check_batch_fits(cfg.batch_size // self.dist.world, net_config.in_channels, size, device_memory(device))
         if (self.data.channels, self.data.resolution) != (net_config.in_channels, size):
             raise ValueError(
                 f"dataset {self.data.name} has {self.data.channels}x{self.data.resolution}x{self.data.resolution} "
@@ -143,24 +222,26 @@ class Trainer:
         grid = dict(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
         if cfg.kind == "edm":
             return EDMLoss(p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_data=cfg.sigma_data)
+        name = cfg.distance or ("pseudo-huber" if cfg.kind == "ct" and cfg.ict else "lpips")
+        distance = get_distance(name, avg_pooling=cfg.lpips_pooling == "avg") if "lpips" in name else name
         if cfg.kind == "cd":
             return CDLoss(
                 self.teacher,
                 self.target,
                 num_scales=cfg.num_scales,
                 solver=cfg.solver,
-                distance=cfg.distance or "lpips",
+                distance=distance,
                 mu=cfg.target_ema,
                 **grid,
             )
         return CTLoss(
             self.target,
-            total_steps=cfg.total_steps,
+            total_steps=cfg.schedule_total,
             s0=cfg.s0,
             s1=cfg.s1,
             mu0=cfg.mu0,
             mu_variant=cfg.mu_variant,
-            distance=cfg.distance,
+            distance=distance,
             ict=cfg.ict,
             **grid,
         )
@@ -169,6 +250,10 @@ class Trainer:
         if ckpt.list_checkpoints(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose a new --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "log.jsonl").unlink(missing_ok=True)  # a run that stopped before its first checkpoint
+        self._write_config()
+
+    def _write_config(self) -> None:
         resolved = {
             **self.cfg.to_dict(),
             "resolved_network": config_to_dict(self.net_config),
@@ -213,7 +298,7 @@ class Trainer:
         if self.graph:
             return self._captured_train_step(images, labels, gens)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model, images, labels, step=step, generator=gens).mean()
+        loss = self.loss_fn(self.model, images, labels, step=self.taken_steps, generator=gens).mean()
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.online.parameters() if p.grad is not None]
@@ -222,14 +307,20 @@ class Trainer:
         ok = grads_finite and math.isfinite(global_loss)
         if ok:
             self.scaler.step(self.optimizer)
-            self._update_averages(step)
+            if not all_finite(params):
+                raise TrainingError(
+                    f"step {step + 1}: the update made the weights non-finite (learning rate "
+                    f"{self.optimizer.param_groups[0]['lr']}); nothing was written, the last checkpoint is intact"
+                )
+            self._update_averages(self.taken_steps)
+            self.taken_steps += 1
             self.bad_steps = 0
         else:
             self.bad_steps += 1
             why = "loss" if not math.isfinite(global_loss) else "gradients"
             self.log(
                 {
-                    "step": step,
+                    "step": step + 1,  # steps done, as in the other lines
                     "skipped": f"non-finite {why}",
                     "loss": global_loss,
                     "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
@@ -252,15 +343,17 @@ class Trainer:
             self._captured = CapturedCDStep(self, images, labels, z, j)
         loss = self._captured(images, labels, z, j)
         self.step += 1
+        self.taken_steps += 1
         return {"loss": loss, "ok": True}
 
     @torch.no_grad()
-    def _update_averages(self, step: int) -> None:
+    def _update_averages(self, k: int) -> None:
+        """EMA updates after taken step k (0-based; the k of mu(k))."""
         params = list(self.online.parameters())
         buffers = list(self.online.buffers())
         averages = list(self.emas.items())
         if self.target is not None:
-            averages.append((self.loss_fn.target_ema(step), self.target))
+            averages.append((self.loss_fn.target_ema(k), self.target))
         for rate, model in averages:
             torch._foreach_lerp_(list(model.parameters()), params, 1.0 - rate)
             for b_avg, b in zip(model.buffers(), buffers):
@@ -275,9 +368,18 @@ class Trainer:
         out.update({f"ema/{rate}": m.net for rate, m in self.emas.items()})
         return out
 
+    def _check_finite(self, what: str) -> None:
+        for name, module in self._modules().items():
+            if not all_finite(module.state_dict().values()):
+                raise TrainingError(
+                    f"the {name} weights are not finite at step {self.step}; no {what} was written "
+                    f"(the last checkpoint is intact)"
+                )
+
     def save_checkpoint(self) -> Path | None:
         if not self.dist.is_main:
             return None
+        self._check_finite("checkpoint")
         tensors = {}
         for prefix, module in self._modules().items():
             tensors.update(ckpt.prefixed(prefix, module.state_dict()))
@@ -290,6 +392,7 @@ class Trainer:
             "optimizer": optim_meta,
             "scaler": self.scaler.state_dict(),
             "bad_steps": self.bad_steps,
+            "taken_steps": self.taken_steps,
         }
         return ckpt.write_checkpoint(self.run_dir, self.step, tensors, meta, self.cfg.keep_checkpoints)
 
@@ -305,7 +408,15 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         ckpt.restore_rng(tensors)
         self.step, self.bad_steps = meta["step"], meta["bad_steps"]
+        self.taken_steps = meta.get("taken_steps", self.step)  # older checkpoints: no step was skipped
+        if self.step > self.cfg.total_steps:
+            raise ckpt.ResumeError(
+                f"--steps {self.cfg.total_steps} is below the run's step {self.step} ({path.name}); "
+                "pass a larger --steps, or none"
+            )
         if self.dist.is_main:
+            ckpt.truncate_log(self.run_dir / "log.jsonl", self.step)  # the steps after the checkpoint run again
+            self._write_config()  # a grown run, a moved teacher
             print(f"cmfast: resumed from {path} at step {self.step}")
 
     # --- outputs -----------------------------------------------------------------------------------------------------
@@ -348,6 +459,7 @@ class Trainer:
 
     def export(self) -> None:
         if self.dist.is_main:
+            self._check_finite("model")
             save_model(self.eval_model(), self.run_dir / "model.safetensors")
             save_model(self.online, self.run_dir / "online.safetensors")
 
@@ -358,6 +470,15 @@ class Trainer:
 
         stop_at ends the run early at that step with a checkpoint (e.g. to end a time slot) and returns its path.
         """
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire()
+        try:
+            return self._train(stop_at)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _train(self, stop_at: int | None) -> Path:
         cfg = self.cfg
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
         bar = tqdm(
@@ -376,10 +497,8 @@ class Trainer:
                 rate = window_steps * cfg.batch_size / elapsed
                 record = {"step": self.step, "loss": out["loss"], "images_per_s": rate}
                 if cfg.kind == "ct":
-                    record.update(
-                        num_scales=self.loss_fn.num_scales(self.step - 1),
-                        target_ema=self.loss_fn.target_ema(self.step - 1),
-                    )
+                    k = max(self.taken_steps - 1, 0)  # the schedule's k at the last taken step
+                    record.update(num_scales=self.loss_fn.num_scales(k), target_ema=self.loss_fn.target_ema(k))
                 self.log(record)
                 bar.set_postfix(loss=f"{out['loss']:.4g}", img_s=f"{rate:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -395,6 +514,8 @@ class Trainer:
         bar.close()
         if self.step < cfg.total_steps:  # stopped early: the checkpoint is the output
             return ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.taken_steps == 0:
+            raise TrainingError(f"all {self.step} steps were skipped (non-finite values); no model was written")
         self.write_samples()
         self.export()
         self.dist.barrier()
