@@ -133,19 +133,24 @@ class LPIPSDistance(nn.Module):
         return self.lpips((x + 1) / 2, (y + 1) / 2, normalize=True).reshape(-1)
 
 
+class BackboneUnavailable(RuntimeError, ValueError):
+    """The LPIPS backbone's ImageNet weights cannot be read or downloaded; the message names the remedies. A
+    ValueError too, so the command line reports it in one line like other input errors."""
+
+
 def _backbone_state_dict(net: str, path: str | None) -> dict[str, Tensor]:
     if path is not None:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
-            raise RuntimeError(f"cannot read the LPIPS backbone weights {path}: {e}") from None
+            raise BackboneUnavailable(f"cannot read the LPIPS backbone weights {path}: {e}") from None
     import torchvision
 
     weights = getattr(torchvision.models, _BACKBONES[net][1]).IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=False)  # torchvision's cache, or a download
     except (OSError, RuntimeError) as e:
-        raise RuntimeError(
+        raise BackboneUnavailable(
             f"cannot get the ImageNet {net} weights for LPIPS ({weights.url}: {e}); put that file in "
             f"{torch.hub.get_dir()}/checkpoints, pass backbone_path=, or use pretrained_backbone=False (random)"
         ) from None

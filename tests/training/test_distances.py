@@ -176,3 +176,18 @@ def test_lpips_offline_error_names_the_remedies(monkeypatch):
     assert "alexnet-owt" in message  # the file to fetch
     with pytest.raises(ValueError, match="unknown LPIPS network"):
         LPIPSDistance("squeeze", pretrained_backbone=False)
+
+
+def test_lpips_offline_is_one_line_on_the_command_line(monkeypatch, tmp_path, capsys):
+    import torchvision.models._api as tv_api
+
+    from cmfast.cli import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    argv = ["train-ct", "--distance", "lpips", "--steps", "1", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot get the ImageNet" in err and err.count("\n") == 1 and "Traceback" not in err
