@@ -9,7 +9,7 @@ import tempfile
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from torch import Tensor
 
 
@@ -81,3 +81,12 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def label_font(size: int):
+    """A scalable font of `size` pixels for panel captions (Pillow's bundled one), or the small fixed bitmap font on
+    Pillow < 10.1, which cannot scale."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .checkpoint import load
-from .io import atomic_write_bytes, image_grid, save_png, to_uint8
+from .io import atomic_write_bytes, image_grid, label_font, save_png, to_uint8
 from .sampling import generators_from_seeds, heun_evaluations, heun_sample, multistep_sigmas, randn, sample
 from .training.config import preset_config
 from .training.trainer import Trainer
@@ -72,14 +72,16 @@ def panel(rows: list[Row], scale: int = 4) -> np.ndarray:
     for row in rows:
         img = Image.fromarray(row.grid[..., 0] if row.grid.shape[-1] == 1 else row.grid).convert("RGB")
         tiles.append(np.asarray(img.resize((img.width * scale, img.height * scale), Image.NEAREST)))
-    pad, caption = 8, 16
+    font = label_font(15)
+    pad = 8
+    caption = font.getbbox("Ag")[3] + 6
     h = max(t.shape[0] for t in tiles) + caption + pad
     w = sum(t.shape[1] for t in tiles) + pad * (len(tiles) + 1)
     canvas = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(canvas)
     x = pad
     for row, tile in zip(rows, tiles):
-        draw.text((x, 2), f"{row.name}: {row.steps} step(s), {row.evaluations} eval(s)", fill="black")
+        draw.text((x, 2), f"{row.name}: {row.steps} step(s), {row.evaluations} eval(s)", fill="black", font=font)
         canvas.paste(Image.fromarray(tile), (x, caption))
         x += tile.shape[1] + pad
     return np.asarray(canvas)

@@ -265,3 +265,14 @@ def test_sample_writes_the_resolved_run(tmp_path):
     run = json.loads((tmp_path / "samples.json").read_text())
     assert run["evaluations"] == 3 and run["seed"] == 5 and run["num"] == 2 and run["kind"] == "cm"
     assert run["sigmas"] == pytest.approx(cmfast.karras_sigmas(4).tolist())
+
+
+def test_demo_panel_captions_are_readable():
+    """The captions use a scalable font of about 15 px, not Pillow's fixed 11 px bitmap font: the ink of a caption
+    with capitals and descenders spans at least 12 pixel rows."""
+    from cmfast.pipeline import Row, panel
+
+    grid = np.full((32, 32, 1), 255, np.uint8)  # white tiles: every dark pixel is caption text
+    image = panel([Row("CD student", 1, 1, 0.0, grid), Row("EDM teacher", 18, 35, 0.0, grid)])
+    rows = np.flatnonzero((image.min(axis=2) < 128).any(axis=1))
+    assert rows.size and rows[-1] - rows[0] + 1 >= 12, rows

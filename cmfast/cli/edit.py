@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
 from .. import editing
 from ..data import load_digits, load_npz
 from ..generate import check_class_label, check_finite, image_shape, num_classes, sampling_plan
-from ..io import atomic_write_bytes, save_npz, save_png, to_uint8
+from ..io import atomic_write_bytes, label_font, save_npz, save_png, to_uint8
 from ..networks import NETWORK_PRESETS
 from ..sampling import generators_from_seeds, karras_sigmas, randint, randn
 from .common import (
@@ -425,19 +425,12 @@ def _interpolate(model, args, channels, size, device) -> Panel:
 # --- outputs ---------------------------------------------------------------------------------------------------------
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def render_panel(rows: list[list[np.ndarray]], headers: list[str], title: str, cell: int = 96) -> np.ndarray:
     """A labelled grid: `rows` of (H, W, C) uint8 images (small ones enlarged, nearest), column headers on top."""
     h, w = rows[0][0].shape[:2]
     scale = max(1, cell // max(h, w))
     ch, cw, pad = h * scale, w * scale, 6
-    font = _font(max(11, min(16, cw // 7)))
+    font = label_font(max(11, min(16, cw // 7)))
     ncols = max(len(r) for r in rows)
     text_h = font.getbbox("Ag")[3] + 6
     width = max(ncols * (cw + pad) + pad, int(font.getlength(title)) + 2 * pad)
