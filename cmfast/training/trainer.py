@@ -302,7 +302,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.online.parameters() if p.grad is not None]
-        grads_finite = bool(torch.stack(torch._foreach_norm([p.grad for p in params])).isfinite().all())
+        grads_finite = all_finite([p.grad for p in params])
         global_loss = float(self.dist.mean(loss.detach()))
         ok = grads_finite and math.isfinite(global_loss)
         if ok:
