@@ -1,6 +1,7 @@
 """In-memory image datasets: the built-in digits, image folders (PNG/JPEG) and .npz arrays.
 
-Every loader decodes and checks the whole dataset up front and keeps it as one uint8 tensor, so a long training run
+Training streams everything but the digits instead (`cmfast.streaming`, which reuses the decoding and checks here).
+Every loader here decodes and checks the whole dataset up front and keeps it as one uint8 tensor, so a long training run
 never meets a bad file late. Each failure is a `DataError` whose one-line message names the file or folder and what
 is wrong (expected vs found size or channels). Images are square; `ImageDataset.batch` maps uint8 [0, 255] to float
 [-1, 1] as EDM's training loop does (x / 127.5 - 1).
@@ -8,6 +9,7 @@ is wrong (expected vs found size or channels). Images are square; `ImageDataset.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
@@ -78,6 +80,12 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return self.images.shape[1]
+
+    def __getitems__(self, indices) -> tuple[Tensor, Tensor | None]:
+        """Images `indices` as (B, C, H, W) uint8 and their (B,) int64 labels or None: a whole batch at once, the
+        form torch.utils.data.DataLoader asks a dataset for when it has this method (as the streaming datasets do)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.images[idx], None if self.labels is None else self.labels[idx]
 
     def batch(self, indices, device: torch.device | str | None = None) -> tuple[Tensor, Tensor | None]:
         """Images `indices` (any integer index: list, array, tensor) as (B, C, H, W) float32 in [-1, 1], and their
@@ -160,10 +168,11 @@ def _resize(img: Image.Image, resolution: int) -> Image.Image:
     return img if img.size == (resolution, resolution) else img.resize((resolution, resolution), Image.LANCZOS)
 
 
-def _decode(path: str, resolution: int | None) -> np.ndarray:
-    """One image file -> (H, W, C) uint8; grayscale modes give C = 1, colour modes (palette, RGBA, CMYK) C = 3."""
+def decode_image(path: str, resolution: int | None, data: bytes | None = None) -> np.ndarray:
+    """One image file -> (H, W, C) uint8; grayscale modes give C = 1, colour modes (palette, RGBA, CMYK) C = 3.
+    `data`: the file's bytes when they were read already (a member of a zip or tar file); `path` then only names it."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             if img.mode in _GRAY_MODES:
                 img = img.convert("L")
@@ -186,6 +195,31 @@ def _decode(path: str, resolution: int | None) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def list_image_files(root: str) -> list[str]:
+    """Paths (relative to `root`, sorted) of the .png/.jpg/.jpeg files under `root`, recursively, any case."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+    rel = sorted(os.path.relpath(f, root) for f in files)
+    if not rel:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
+    return rel
+
+
+def folder_labels(rel: list[str]) -> tuple[Tensor | None, tuple[str, ...]]:
+    """Labels from first-level folder names: when every path lies in a subdirectory, the sorted names are classes
+    0..K-1; otherwise (None, ()), an unconditional dataset."""
+    parts = [r.split(os.sep) for r in rel]
+    if not all(len(p) > 1 for p in parts):
+        return None, ()
+    class_names = tuple(sorted({p[0] for p in parts}))
+    index = {c: i for i, c in enumerate(class_names)}
+    return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), class_names
+
+
 def load_image_folder(path: str | os.PathLike, resolution: int | None = None, progress: bool = True) -> ImageDataset:
     """Every .png/.jpg/.jpeg file under `path` (recursively, any case, sorted by relative path; other files ignored).
 
@@ -198,28 +232,13 @@ def load_image_folder(path: str | os.PathLike, resolution: int | None = None, pr
     """
     root = os.fspath(path)
     _check_resolution(resolution, root)
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: not a directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-    rel = sorted(os.path.relpath(f, root) for f in files)
-    if not rel:
-        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
-
-    parts = [r.split(os.sep) for r in rel]
-    labels, class_names = None, ()
-    if all(len(p) > 1 for p in parts):
-        class_names = tuple(sorted({p[0] for p in parts}))
-        index = {c: i for i, c in enumerate(class_names)}
-        labels = torch.tensor([index[p[0]] for p in parts], dtype=torch.int64)
-
+    rel = list_image_files(root)
+    labels, class_names = folder_labels(rel)
     images = None
     show = progress and len(rel) > PROGRESS_MIN_FILES
     for i, r in enumerate(tqdm(rel, desc=f"loading {root}", unit="img", disable=not show)):
         file = os.path.join(root, r)
-        array = _decode(file, resolution)
+        array = decode_image(file, resolution)
         if images is None:
             images, first = np.empty((len(rel), *array.shape), dtype=np.uint8), file
         elif array.shape[-1] != images.shape[-1]:
@@ -234,7 +253,7 @@ def load_image_folder(path: str | os.PathLike, resolution: int | None = None, pr
     return ImageDataset(tensor, labels, len(class_names), os.path.basename(os.path.normpath(root)), class_names)
 
 
-def _layout(shape: tuple[int, ...]) -> str | None:
+def array_layout(shape: tuple[int, ...]) -> str | None:
     """'NHWC' or 'NCHW' for square images with 1 or 3 channels (NHWC when both fit), else None."""
     if len(shape) == 4 and shape[1] == shape[2] and shape[3] in (1, 3):
         return "NHWC"
@@ -276,7 +295,7 @@ def load_npz(path: str | os.PathLike, key: str | None = None, resolution: int | 
 
     if x.dtype != np.uint8:
         raise DataError(f"{file}: {key!r} is {x.dtype}, expected uint8 images in 0..255")
-    layout = _layout(x.shape)
+    layout = array_layout(x.shape)
     if layout is None:
         raise DataError(f"{file}: {key!r} has shape {x.shape}; expected (N, H, H, C) or (N, C, H, H), C in {{1, 3}}")
     if len(x) == 0:
