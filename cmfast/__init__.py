@@ -1,6 +1,6 @@
 """cmfast: a fast engine for consistency models (Song, Dhariwal, Chen, Sutskever, ICML 2023)."""
 
-from .checkpoint import CheckpointError, load, load_official_checkpoint, save
+from .checkpoint import CheckpointError, load, load_diffusers, load_official_checkpoint, save, save_diffusers
 from .editing import colorize, denoise, edit, inpaint, interpolate, stroke_edit, super_resolve
 from .networks import NETWORK_PRESETS, build_network
 from .preconditioning import ConsistencyModel, EDMDenoiser
@@ -32,9 +32,11 @@ __all__ = [
     "heun_sample",
     "karras_sigmas",
     "load",
+    "load_diffusers",
     "load_official_checkpoint",
     "multistep_sigmas",
     "sample",
     "save",
+    "save_diffusers",
     "sigmas_from_ts",
 ]

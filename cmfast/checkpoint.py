@@ -3,13 +3,15 @@
 Own format: one safetensors file. The tensors are the backbone's state dict; the header's metadata holds a JSON
 document with the network config and the preconditioning (kind, sigma_min, sigma_max, sigma_data, noise_cond).
 Nothing is unpickled. Official releases (openai/consistency_models: edm_*, cd_*, ct_* .pt files) are plain state
-dicts read with torch.load(weights_only=True).
+dicts read with torch.load(weights_only=True). diffusers' ConsistencyModelPipeline folders are read and written
+through `cmfast.interop.diffusers_layout` (ADM networks). `load` takes any of these, or a shipped model's name.
 
 Every failure is a `CheckpointError` whose one-line message names the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -22,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from .interop import diffusers_layout
 from .io import atomic_write_bytes
 from .networks import (
     NETWORK_PRESETS,
@@ -86,8 +89,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
-    """Load an own-format checkpoint written by `save` / `model.save`."""
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
+    """Load an own-format checkpoint written by `save` (in the mode nn.Module starts in; `load` sets eval mode)."""
     meta = read_metadata(path)
     try:
         config = config_from_dict(meta["network"])
@@ -234,28 +237,138 @@ SHIPPED = {  # models trained by the project's own commands (cmfast/assets/READM
 }
 
 
-def load_model(spec: str, device: str | torch.device = "cpu") -> ConsistencyModel | EDMDenoiser:
-    """What the CLI's --model takes: a shipped model name (see SHIPPED), a preset name (random weights, seeded
-    with 0), a .safetensors file or an official .pt file."""
+def load(
+    spec: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> ConsistencyModel | EDMDenoiser:
+    """Load a model, in eval mode, from whatever names one (the CLI's --model and --teacher take the same):
+
+    - a shipped model name (see SHIPPED), e.g. "digits-cd";
+    - a network preset name (random weights seeded with 0, for smoke tests), e.g. "adm-tiny";
+    - a cmfast .safetensors checkpoint, or an official openai/consistency_models .pt file;
+    - a diffusers ConsistencyModelPipeline folder, its unet/ folder, or that folder's
+      diffusion_pytorch_model.safetensors (the scheduler config is read from beside it).
+
+    dtype (torch.bfloat16 or torch.float16) casts the backbone's parameters once and keeps them at that precision;
+    the preconditioning and the noise embedding still run in float32. None or torch.float32 keeps float32.
+    """
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    model = _load_any(os.fspath(spec), device).eval()
+    if dtype is not None and dtype != torch.float32:
+        for p in model.net.parameters():
+            p.data = p.data.to(dtype)
+    return model
+
+
+def _load_any(spec: str, device) -> ConsistencyModel | EDMDenoiser:
     if spec in SHIPPED:
-        return load(ASSETS / f"{spec}.safetensors", device=device)
+        return load_file(ASSETS / f"{spec}.safetensors", device=device)
     if spec in NETWORK_PRESETS:
         with torch.random.fork_rng(devices=[]):  # the same random weights every time, without touching global RNG
             torch.manual_seed(0)
             return ConsistencyModel(build_network(spec)).to(device)
     if os.path.isdir(spec):
-        raise CheckpointError(f"{spec}: is a directory, not a checkpoint file")
+        if not diffusers_layout.is_diffusers_folder(spec):
+            raise CheckpointError(
+                f"{spec}: is a folder, but not a diffusers pipeline or model folder (no model_index.json or "
+                "config.json); give a checkpoint file"
+            )
+        return load_diffusers(spec, device)
     if not os.path.exists(spec):
+        if os.sep in spec or spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
+            raise CheckpointError(f"{spec}: no such file or folder")
         raise CheckpointError(
             f"{spec}: neither a shipped model ({', '.join(SHIPPED)}), a network preset ({', '.join(NETWORK_PRESETS)}) "
-            "nor an existing file"
+            "nor an existing file or folder"
         )
     _require_file(spec)
-    with open(spec, "rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle stream
+    if is_torch_save_file(spec):
         return load_official_checkpoint(spec, device=device)
-    return load(spec, device=device)
+    if os.path.basename(spec) in diffusers_layout.WEIGHTS_NAMES and diffusers_layout.is_diffusers_folder(
+        os.path.dirname(os.path.abspath(spec))
+    ):
+        return load_diffusers(os.path.dirname(os.path.abspath(spec)), device)
+    return load_file(spec, device=device)
+
+
+def load_diffusers(path: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyModel:
+    """A ConsistencyModel from a diffusers ConsistencyModelPipeline folder or its unet/ folder (ADM networks only).
+
+    The scheduler's sigma_min, sigma_max and sigma_data become the preconditioning; its time grid (num_train_timesteps,
+    rho) is kept as `model.diffusers_scheduler`, which `save_diffusers` writes back by default.
+    """
+    try:
+        found = diffusers_layout.read_folder(path, device="cpu")
+    except diffusers_layout.DiffusersLayoutError as err:
+        raise CheckpointError(str(err)) from None
+    net = _network_with_weights(path, found.config, found.state)
+    s = found.scheduler
+    model = ConsistencyModel(
+        net, sigma_min=s.sigma_min, sigma_max=s.sigma_max, sigma_data=s.sigma_data, noise_cond="adm"
+    )
+    model.diffusers_scheduler = s
+    return model.to(device)
+
+
+def save_diffusers(
+    model: ConsistencyModel,
+    out: str | os.PathLike,
+    num_train_timesteps: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> diffusers_layout.SchedulerSettings:
+    """Write `model` as a diffusers ConsistencyModelPipeline folder (`from_pretrained(out)` loads it).
+
+    Only consistency models with an ADM network and ADM's time input (250 ln sigma) map onto UNet2DModel and
+    CMStochasticIterativeScheduler; anything else raises a CheckpointError with the reason. num_train_timesteps is
+    the Karras grid that the pipeline's integer timesteps index (default: the one the model was loaded with, else 40,
+    the official CD grid). Returns the scheduler settings written.
+    """
+    if not isinstance(model, ConsistencyModel):
+        raise CheckpointError(
+            f"a {type(model).__name__} is not a consistency model; {diffusers_layout.PIPELINE_CLASS} would apply "
+            "consistency-model scalings to it (export teachers in cmfast's own format)"
+        )
+    config = model.net.config
+    if not isinstance(config, ADMConfig):
+        raise CheckpointError(
+            f"a {config.arch} network (DDPM++/NCSN++) has no diffusers UNet2DModel equivalent; "
+            "only ADM consistency models export to the diffusers layout"
+        )
+    if model.noise_cond != "adm":
+        raise CheckpointError(
+            f"noise_cond {model.noise_cond!r}: diffusers feeds the network 250 ln(sigma) ('adm'); cannot export"
+        )
+    base = getattr(model, "diffusers_scheduler", None) or diffusers_layout.SchedulerSettings()
+    if num_train_timesteps is not None and num_train_timesteps < 2:
+        raise CheckpointError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    settings = dataclasses.replace(
+        base,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_data=model.sigma_data,
+        num_train_timesteps=num_train_timesteps or base.num_train_timesteps,
+    )
+    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in model.net.state_dict().items()}
+    try:
+        diffusers_layout.write_folder(out, config, state, settings, dtype=dtype)
+    except diffusers_layout.DiffusersLayoutError as err:
+        raise CheckpointError(str(err)) from None
+    return settings
+
+
+def is_torch_save_file(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a torch.save archive (zip) or a legacy pickle stream rather than a safetensors file.
+
+    A safetensors file starts with its 8-byte little-endian header length and then "{"; that is checked first, since
+    a header length can begin with the byte 0x80 that also opens a pickle stream.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _require_file(path) -> None:

@@ -85,7 +85,7 @@ LAYERS = [  # (layer, module prefixes); a module may import its own layer and th
     ("kernels", ["cmfast.kernels"]),
     ("ops", ["cmfast.ops"]),
     ("networks", ["cmfast.networks"]),
-    ("models", ["cmfast.checkpoint", "cmfast.graphs"]),
+    ("models", ["cmfast.checkpoint", "cmfast.graphs", "cmfast.interop.diffusers_layout"]),
     (
         "work",
         [

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from cmfast.checkpoint import ASSETS, SHIPPED, load_model
+from cmfast.checkpoint import ASSETS, SHIPPED, load
 from cmfast.data import load_digits
 from cmfast.preconditioning import EDMDenoiser
 from cmfast.sampling import generators_from_seeds, heun_sample, multistep_sigmas, randn, sample
@@ -19,7 +19,7 @@ def pixel_stats(x: torch.Tensor) -> tuple[float, float, float]:
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_generates_digit_like_images(name):
-    model = load_model(name).eval()
+    model = load(name)
     channels = model.net.config.in_channels
     assert model.net.config.img_resolution == 8 and channels == (3 if "rgb" in name else 1)
     gens = generators_from_seeds(range(128))

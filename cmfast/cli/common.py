@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from ..checkpoint import SHIPPED, load_model
+from ..checkpoint import SHIPPED, load
 from ..generate import DEFAULT_GRID
 from ..networks import NETWORK_PRESETS, set_fused_ops
 
@@ -136,7 +136,8 @@ def add_model_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
             + ", ".join(SHIPPED)
             + "), a network preset (random weights, for smoke tests: "
             + ", ".join(NETWORK_PRESETS)
-            + "), a cmfast .safetensors checkpoint, or an official openai/consistency_models .pt file",
+            + "), a cmfast .safetensors checkpoint, an official openai/consistency_models .pt file, or a diffusers "
+            "ConsistencyModelPipeline folder (ADM)",
         )
     add_device_arg(p)
     p.add_argument(
@@ -157,7 +158,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def load_for_sampling(spec: str, device: torch.device, dtype: str, fused: bool = False):
     """A model from --model in eval mode, with the backbone's autocast dtype and, optionally, the fused ops."""
-    model = load_model(spec, device=device).eval()
+    model = load(spec, device=device).eval()
     model.autocast_dtype = DTYPES[dtype]
     if fused:
         set_fused_ops(model.net)

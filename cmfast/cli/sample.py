@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import torch
 
-from ..checkpoint import ASSETS, SHIPPED, load_model, read_metadata, save
+from ..checkpoint import ASSETS, SHIPPED, is_torch_save_file, load, read_metadata, save, save_diffusers
 from ..generate import Generated, generate, image_shape, sampling_plan
+from ..interop import diffusers_layout
 from ..io import atomic_write_bytes, image_grid, save_npz, save_png
 from ..networks import NETWORK_PRESETS, config_to_dict
 from ..preconditioning import num_parameters
@@ -67,20 +68,38 @@ def register(sub) -> None:
         help="print a checkpoint's architecture, parameter count and config",
         description="Print what a checkpoint (or preset) holds: kind, architecture, parameters, preconditioning.",
     )
-    p.add_argument("checkpoint", help="a cmfast .safetensors file, an official .pt file, or a preset name")
+    p.add_argument(
+        "checkpoint",
+        help="a shipped model name, a preset name, a cmfast .safetensors file, an official .pt file or a diffusers "
+        "pipeline folder",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(handler=cmd_info)
 
     p = sub.add_parser(
         "export",
-        help="re-save a model (checkpoint, official .pt or shipped name) in the cmfast format, e.g. as fp16",
-        description="Load any model --model accepts and write it as a cmfast .safetensors file, optionally storing "
-        "the weights in half precision (loading always gives float32 weights).",
+        help="re-save a model in the cmfast format (e.g. as fp16) or as a diffusers ConsistencyModelPipeline folder",
+        description="Load any model --model accepts and write it as a cmfast .safetensors file (--format cmfast), "
+        "optionally storing the weights in half precision (loading always gives float32 weights), or as a diffusers "
+        "ConsistencyModelPipeline folder (--format diffusers: model_index.json, unet/, scheduler/) that "
+        "ConsistencyModelPipeline.from_pretrained loads. The diffusers layout takes consistency models with an ADM "
+        "network (official checkpoints, cmfast-trained ADM models); DDPM++/NCSN++ networks and EDM teachers are "
+        "refused, since UNet2DModel cannot express them.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("source", help="a cmfast .safetensors file, an official .pt file or a shipped model name")
-    p.add_argument("dest", help="output .safetensors path (written atomically)")
+    p.add_argument(
+        "source",
+        help="a shipped model name, a cmfast .safetensors file, an official .pt file or a diffusers pipeline folder",
+    )
+    p.add_argument("dest", help="output .safetensors path (cmfast), or a new folder (diffusers); written atomically")
+    p.add_argument("--format", choices=["cmfast", "diffusers"], default="cmfast", help="output layout")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage precision")
+    p.add_argument(
+        "--grid",
+        type=int,
+        help="diffusers only: the scheduler's num_train_timesteps, the Karras grid its integer timesteps index "
+        "(default: the source's, if it came from diffusers, else 40, the official CD grid)",
+    )
     p.set_defaults(handler=cmd_export)
 
 
@@ -168,18 +187,18 @@ def check_memory(num: int, shape: tuple[int, int, int], available: int | None) -
 
 
 def checkpoint_format(spec: str) -> str:
-    """What kind of file `spec` (a shipped name or a path, as load_model takes it) is, judged by its content."""
+    """What kind of file `spec` (a shipped name or a path, as load takes it) is, judged by its content."""
     path = ASSETS / f"{spec}.safetensors" if spec in SHIPPED else spec
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # what load_model also takes for an official torch.save file
+    if os.path.isdir(path) or os.path.basename(path) in diffusers_layout.WEIGHTS_NAMES:
+        return "diffusers ConsistencyModelPipeline (UNet2DModel as ADM)"
+    if is_torch_save_file(path):
         return "official PyTorch state dict (.pt)"
     shipped = " (shipped with cmfast)" if spec in SHIPPED else ""
     return f"cmfast safetensors v{read_metadata(path)['version']}{shipped}"
 
 
 def cmd_info(args) -> None:
-    model = load_model(args.checkpoint)
+    model = load(args.checkpoint)
     info = {
         "file": args.checkpoint,
         "kind": "consistency model" if model.kind == "cm" else "EDM denoiser (teacher)",
@@ -209,6 +228,16 @@ def cmd_info(args) -> None:
 
 
 def cmd_export(args) -> None:
-    model = load_model(args.source)
+    if args.grid is not None and args.format != "diffusers":
+        raise ValueError("--grid applies to --format diffusers only")
+    model = load(args.source)
+    size = f"{num_parameters(model.net) / 1e6:.2f}M parameters, {args.dtype}"
+    if args.format == "diffusers":
+        settings = save_diffusers(model, args.dest, num_train_timesteps=args.grid, dtype=DTYPES[args.dtype])
+        print(
+            f"wrote {args.dest}/ (ConsistencyModelPipeline: UNet2DModel, {size}; CMStochasticIterativeScheduler, "
+            f"sigma {settings.sigma_min}..{settings.sigma_max}, grid {settings.num_train_timesteps})"
+        )
+        return
     save(model, args.dest, dtype=DTYPES[args.dtype])
-    print(f"wrote {args.dest} ({model.kind}, {num_parameters(model.net) / 1e6:.2f}M parameters, {args.dtype})")
+    print(f"wrote {args.dest} ({model.kind}, {size})")
