@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..networks import NETWORK_PRESETS
 
 KINDS = ("edm", "cd", "ct")
+SHARDING = ("ddp", "fsdp")
 LPIPS_POOLING = ("max", "avg")
 
 
@@ -29,6 +30,9 @@ class TrainConfig:
     total_steps: int = 2000  # optimizer steps to train for
     schedule_steps: int | None = None  # CT: K of N(k), mu(k) and iCT's K'; None: total_steps (kept when a run grows)
     batch_size: int = 64  # global batch, split evenly over processes
+    accum: int | None = None  # micro-batches per optimizer step and process (gradient accumulation); None: 1
+    micro_batch: int | None = None  # per-process micro-batch; sets accum = batch_size / (processes x micro_batch)
+    sharding: str = "ddp"  # with several processes: "ddp" (replicated) or "fsdp" (FSDP2: weights, EMAs, optimizer)
     lr: float = 4e-4  # RAdam, constant (no decay, no warm-up, no weight decay)
     ema_rates: tuple[float, ...] = (0.9999,)  # online-weight EMAs kept for evaluation
     dropout: float | None = None  # overrides the network's dropout when set; None: the preset's (CD students: 0)
@@ -75,6 +79,13 @@ class TrainConfig:
         for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("accum", "micro_batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.sharding not in SHARDING:
+            raise ValueError(f"sharding must be one of {SHARDING}, got {self.sharding!r}")
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("sharding 'fsdp' trains in fp32 or bf16; fp16's loss scaling is not sharded: use bf16")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError(f"schedule_steps must be a positive integer, got {self.schedule_steps}")
         if self.seed < 0 or self.max_bad_steps < 0 or self.sample_every < 0:
@@ -94,6 +105,10 @@ class TrainConfig:
         if not all(0 <= r < 1 for r in self.ema_rates) or not 0 <= self.target_ema < 1:
             raise ValueError("EMA rates must lie in [0, 1)")
 
+    def accumulation(self, world: int) -> int:
+        """K, the micro-batches per optimizer step on each of `world` processes; refuses batches that do not split."""
+        return resolve_accum(self.batch_size, world, self.accum, self.micro_batch)
+
     @property
     def schedule_total(self) -> int:
         """K of the CT schedules: fixed when the run started, unless a resume asked to stretch it."""
@@ -109,6 +124,31 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
         return cls(**data)
+
+
+def resolve_accum(batch: int, world: int, accum: int | None, micro_batch: int | None) -> int:
+    """K such that batch = world x K x micro: from `micro_batch` when given, else `accum` (default 1)."""
+    if batch % world:
+        raise ValueError(f"batch size {batch} does not split evenly over {world} processes")
+    local = batch // world
+    if micro_batch is not None:
+        if local % micro_batch:
+            raise ValueError(
+                f"--micro-batch {micro_batch} does not divide the per-process batch {local} "
+                f"(global batch {batch} over {world} processes)"
+            )
+        if accum is not None and accum != local // micro_batch:
+            raise ValueError(
+                f"--accum {accum} contradicts --micro-batch {micro_batch}: the per-process batch {local} "
+                f"(global batch {batch} over {world} processes) makes {local // micro_batch} micro-batches"
+            )
+        return local // micro_batch
+    k = accum or 1
+    if local % k:
+        raise ValueError(
+            f"--accum {k} does not divide the per-process batch {local} (global batch {batch} over {world} processes)"
+        )
+    return k
 
 
 def _paper(kind, network, dataset, **kw) -> dict:

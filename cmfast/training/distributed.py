@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,23 @@ class Distributed:
         dist.all_reduce(value)
         return value / self.world
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process (under sharding each process checks only its own shards)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """This process's part of each tensor: a DTensor's local shard (FSDP2), a plain tensor itself. Without autograd
+    recording, to_local() returns the shard's own storage, so in-place updates reach the DTensor."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def init_distributed(device: str | None = None) -> Distributed:

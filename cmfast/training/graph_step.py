@@ -28,6 +28,8 @@ def captured_step_problems(trainer) -> list[str]:
         problems.append(f"only the distillation step is captured; this is a {cfg.kind} run")
     if trainer.dist.world > 1:
         problems.append("capture runs in one process; this run has several")
+    if trainer.accum > 1:
+        problems.append(f"a captured step is one batch; this run accumulates {trainer.accum} micro-batches")
     if cfg.mixed_precision == "fp16":
         problems.append("fp16 needs dynamic loss scaling, which a graph cannot skip steps for; use --precision bf16")
     if getattr(trainer.net_config, "dropout", 0):

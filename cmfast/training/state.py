@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -162,14 +163,17 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporaries of interrupted atomic writes (`.<name>.<random>.tmp`); call only while holding the
-    run's lock, when no write can be in flight."""
+    """Delete the temporaries of interrupted atomic writes (`.<name>.<random>.tmp` files, and `.<name>.tmp`
+    directories of sharded checkpoints); call only while holding the run's lock, when no write can be in flight."""
     removed = []
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
         if folder.is_dir():
             for p in folder.iterdir():
                 if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
                     p.unlink(missing_ok=True)
+                    removed.append(p)
+                elif p.name.startswith(".") and p.name.endswith(".dcp.tmp") and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
     return removed
 

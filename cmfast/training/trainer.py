@@ -5,20 +5,23 @@ Run directory layout:
     config.json                 the resolved TrainConfig (plus the network config actually built)
     log.jsonl                   one JSON line per logged step (loss, images/s, schedule values, skipped steps);
                                 "step" counts the steps done, skipped ones included
-    checkpoints/ckpt-*.safetensors   the last `keep_checkpoints` training states (atomic writes)
+    checkpoints/ckpt-*.safetensors   the last `keep_checkpoints` training states (atomic writes); with
+                                --sharding fsdp, checkpoints/ckpt-*.dcp/ directories (cmfast.training.sharding)
     samples/step-*.png          sample grids from the first EMA
     model.safetensors           the first EMA of the online weights at the end (cmfast format, for sampling)
     online.safetensors          the online weights at the end
 
 Randomness is derived, not carried: the data order comes from a per-epoch permutation of (seed, epoch), and every
-sample's noise, flips and time index come from its own generator seeded by (seed, step, sample position). So a run
-gives the same weights whether it is split over processes or not, and a resumed run repeats the uninterrupted one;
+sample's noise, flips and time index come from its own generator seeded by (seed, step, sample position)
+(cmfast.training.loader). So a run gives the same weights whether it is split over processes or into accumulated
+micro-batches or not (up to float rounding), and a resumed run repeats the uninterrupted one, streaming loader and all;
 only dropout masks use torch's global RNG, whose state is checkpointed. The CT schedules N(k) and mu(k) advance only
 on taken steps (a step skipped for non-finite values does not move them), as in the official code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,18 +37,21 @@ from tqdm import tqdm
 
 from ..checkpoint import load as load_model_file
 from ..checkpoint import save as save_model
-from ..data import load_dataset
+from ..data import DataError, ImageDataset
 from ..generate import run_plan, sampling_plan
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
 from ..networks import SongUNetConfig, build_network, config_to_dict, network_config, set_fused_ops
 from ..preconditioning import ConsistencyModel, EDMDenoiser
 from ..sampling import generators_from_seeds, randn
+from ..streaming import open_dataset
 from . import state as ckpt
 from .config import TrainConfig
 from .distances import get_distance
-from .distributed import init_distributed
+from .distributed import init_distributed, local_tensors
 from .graph_step import CapturedCDStep, captured_step_problems
+from .loader import BatchSplit, StepSampler, default_workers, make_loader, sample_seed, worker_error
 from .losses import CDLoss, CTLoss, EDMLoss
+from .sharding import full_state_dict, list_sharded_checkpoints, load_sharded, save_sharded, shard_model
 from .state import TrainingError
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,11 +60,6 @@ AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # tens to hundreds of channels at several resolutions), so batch x image bytes x this factor is a lower bound on the
 # memory a batch needs; a batch above the device's memory by this bound cannot run and is refused up front.
 ACTIVATION_FACTOR = 100
-
-
-def sample_seed(seed: int, step: int, position: int) -> int:
-    """Seed of the generator that draws one sample's randomness at one step (independent of how work is split)."""
-    return hash((seed, step, position)) & (2**63 - 1)
 
 
 def batch_memory_bound(batch: int, channels: int, resolution: int) -> int:
@@ -79,7 +80,7 @@ def check_batch_fits(batch: int, channels: int, resolution: int, available: int)
         raise ValueError(
             f"batch {batch} cannot fit: {batch} x {channels}x{resolution}x{resolution} fp32 images x "
             f"{ACTIVATION_FACTOR} (a lower bound on activations) = {need / 2**30:.1f} GiB, but the device has "
-            f"{available / 2**30:.1f} GiB; lower --batch"
+            f"{available / 2**30:.1f} GiB; lower --batch, or raise --accum"
         )
 
 
@@ -111,7 +112,10 @@ class Trainer:
         device: str | None = None,
         graph: bool = False,
         fused: bool = False,
+        workers: int | None = None,
     ):
+        """workers: DataLoader processes that read and decode ahead; None: 0 for the in-memory digits, else a share
+        of this machine's cores (see `loader.default_workers`)."""
         self.run_dir = Path(run_dir)
         if resume and not self.run_dir.is_dir():
             raise ckpt.ResumeError(f"--resume: {self.run_dir} does not exist")
@@ -122,6 +126,7 @@ class Trainer:
         self.cfg = config
         self.fused = fused
         self.progress = progress
+        self.workers = workers
         self.dist = init_distributed(device)
         self.device = self.dist.device
         self._lock = ckpt.RunLock(self.run_dir) if self.dist.is_main else None
@@ -138,11 +143,17 @@ class Trainer:
     def _set_up(self, config: TrainConfig, resume: bool, graph: bool) -> None:
         if self.dist.is_main:
             ckpt.remove_stale_temporaries(self.run_dir)  # left by a run killed mid-write; we hold the lock
-        if config.batch_size % self.dist.world:
-            raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.dist.world} processes")
+        self.accum = config.accumulation(self.dist.world)
+        self.split = BatchSplit(config.batch_size, self.dist.world, self.dist.rank, self.accum)
+        self.sharded = config.sharding == "fsdp"
+        if self.sharded and self.dist.world == 1:
+            raise ValueError("--sharding fsdp needs several processes (torchrun --nproc_per_node N with N >= 2)")
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.data = load_dataset(config.dataset)
+        self.data = open_dataset(config.dataset)
+        if self.workers is None:
+            self.workers = default_workers(isinstance(self.data, ImageDataset))
+        self._order = StepSampler(len(self.data), config.seed, self.split, 0, 0)
         self._build_models()
         self.graph = graph
         if graph and self.device.type != "cuda":
@@ -159,7 +170,6 @@ class Trainer:
         self.step = 0  # steps done, skipped ones included: indexes the data order and the noise
         self.taken_steps = 0  # steps applied: the k of the CT schedules N(k) and mu(k)
         self.bad_steps = 0
-        self._perms: dict[int, torch.Tensor] = {}
         if resume:
             self._restore()
         elif self.dist.is_main:
@@ -187,7 +197,7 @@ class Trainer:
                 raise ValueError("fourier_scale applies to NCSN++ networks (Fourier embedding) trained from scratch")
             net_config = dataclasses.replace(net_config, fourier_scale=cfg.fourier_scale)
         size = net_config.resolution
-        check_batch_fits(cfg.batch_size // self.dist.world, net_config.in_channels, size, device_memory(device))
+        check_batch_fits(self.split.micro, net_config.in_channels, size, device_memory(device))
         if (self.data.channels, self.data.resolution) != (net_config.in_channels, size):
             raise ValueError(
                 f"dataset {self.data.name} has {self.data.channels}x{self.data.resolution}x{self.data.resolution} "
@@ -207,11 +217,17 @@ class Trainer:
             if model is not None:
                 model.autocast_dtype = AUTOCAST[cfg.mixed_precision]
                 set_fused_ops(model.net, self.fused)  # cmfast.ops' kernels; the weights are the same either way
-        self.model = (
-            DistributedDataParallel(self.online, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.dist.world > 1
-            else self.online
-        )
+        if self.sharded:  # the teacher stays whole on every process (see cmfast.training.sharding)
+            for model in (self.online, self.target, *self.emas.values()):
+                if model is not None:
+                    shard_model(model, device, self.dist.world)
+            self.model = self.online
+        elif self.dist.world > 1:
+            self.model = DistributedDataParallel(
+                self.online, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        else:
+            self.model = self.online
         cond = net_config.num_classes
         self.use_labels = bool(cond) and self.data.labels is not None
         if cond and self.data.labels is None:
@@ -247,7 +263,7 @@ class Trainer:
         )
 
     def _start_run_dir(self) -> None:
-        if ckpt.list_checkpoints(self.run_dir):
+        if ckpt.list_checkpoints(self.run_dir) or list_sharded_checkpoints(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose a new --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "log.jsonl").unlink(missing_ok=True)  # a run that stopped before its first checkpoint
@@ -264,50 +280,62 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------------------------------
 
-    def _indices(self, positions: range) -> list[int]:
-        """Dataset indices of global sample positions: epoch e visits a permutation seeded by (seed, e)."""
-        n = len(self.data)
-        out = []
-        for p in positions:
-            epoch = p // n
-            if epoch not in self._perms:
-                self._perms = {
-                    epoch: torch.randperm(
-                        n, generator=torch.Generator().manual_seed(sample_seed(self.cfg.seed, -1, epoch))
-                    )
-                }
-            out.append(int(self._perms[epoch][p % n]))
-        return out
+    def _read_step(self, step: int) -> list[tuple]:
+        """This process's micro-batches of `step`, read here (uint8 images, labels): what the loader yields."""
+        return [self.data.__getitems__(self._order.indices(self.split.positions(step, m))) for m in range(self.accum)]
 
-    def _batch(self, step: int):
-        local = self.cfg.batch_size // self.dist.world
-        start = step * self.cfg.batch_size + self.dist.rank * local
-        positions = range(start, start + local)
-        gens = [torch.Generator().manual_seed(sample_seed(self.cfg.seed, step, p)) for p in positions]
-        images, labels = self.data.batch(self._indices(positions))
+    def _micro_batch(self, step: int, micro: int, images, labels):
+        """Micro-batch `micro` of `step` ready for the loss: images in [-1, 1] on the device, flipped by each sample's
+        generator, labels (or None) and the per-sample generators."""
+        gens = [
+            torch.Generator().manual_seed(sample_seed(self.cfg.seed, step, p))
+            for p in self.split.positions(step, micro)
+        ]
+        images = images.to(self.device, non_blocking=True).float() / 127.5 - 1
         if self.cfg.xflip:
-            flip = torch.stack([torch.rand((), generator=g) < 0.5 for g in gens])
+            flip = torch.stack([torch.rand((), generator=g) < 0.5 for g in gens]).to(self.device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        labels = labels.to(self.device) if self.use_labels else None
-        return images.to(self.device), labels, gens
+        labels = labels.to(self.device, non_blocking=True) if self.use_labels else None
+        return images, labels, gens
 
-    def train_step(self) -> dict:
-        """One optimizer step (or a skipped one); returns the values to log."""
+    def _finite(self, tensors) -> bool:
+        """all_finite over every process's shards (sharded), or over the replicated tensors themselves."""
+        if not self.sharded:
+            return all_finite(tensors)
+        return self.dist.all_true(all_finite(local_tensors(tensors)))
+
+    def _accumulate(self, micro: list[tuple]) -> torch.Tensor:
+        """Forward and backward of each micro-batch with its mean loss divided by K: the summed gradients are those
+        of the mean loss over the whole batch (the micro-batches are equal). DDP all-reduces on the last micro-batch
+        only (no_sync before); FSDP reduce-scatters each time, so only gradient shards are ever accumulated."""
+        total = torch.zeros((), device=self.device)
+        for m, (images, labels, gens) in enumerate(micro):
+            last = m == len(micro) - 1
+            skip_sync = isinstance(self.model, DistributedDataParallel) and not last
+            with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = self.loss_fn(self.model, images, labels, step=self.taken_steps, generator=gens).mean()
+                loss = loss / len(micro)
+                self.scaler.scale(loss).backward()
+            total = total + loss.detach()
+        return total
+
+    def train_step(self, raw: list[tuple] | None = None) -> dict:
+        """One optimizer step (or a skipped one) over `raw`, this process's K micro-batches of (uint8 images,
+        labels) for this step (read here when None); returns the values to log."""
         cfg, step = self.cfg, self.step
-        images, labels, gens = self._batch(step)
+        micro = [self._micro_batch(step, m, *r) for m, r in enumerate(raw or self._read_step(step))]
         if self.graph:
-            return self._captured_train_step(images, labels, gens)
+            return self._captured_train_step(*micro[0])
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model, images, labels, step=self.taken_steps, generator=gens).mean()
-        self.scaler.scale(loss).backward()
+        loss = self._accumulate(micro)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.online.parameters() if p.grad is not None]
-        grads_finite = all_finite([p.grad for p in params])
-        global_loss = float(self.dist.mean(loss.detach()))
+        grads_finite = self._finite([p.grad for p in params])
+        global_loss = float(self.dist.mean(loss))
         ok = grads_finite and math.isfinite(global_loss)
         if ok:
             self.scaler.step(self.optimizer)
-            if not all_finite(params):
+            if not self._finite(params):
                 raise TrainingError(
                     f"step {step + 1}: the update made the weights non-finite (learning rate "
                     f"{self.optimizer.param_groups[0]['lr']}); nothing was written, the last checkpoint is intact"
@@ -348,14 +376,15 @@ class Trainer:
 
     @torch.no_grad()
     def _update_averages(self, k: int) -> None:
-        """EMA updates after taken step k (0-based; the k of mu(k))."""
-        params = list(self.online.parameters())
+        """EMA updates after taken step k (0-based; the k of mu(k)); on local shards when sharded (all copies are
+        sharded alike)."""
+        params = local_tensors(self.online.parameters())
         buffers = list(self.online.buffers())
         averages = list(self.emas.items())
         if self.target is not None:
             averages.append((self.loss_fn.target_ema(k), self.target))
         for rate, model in averages:
-            torch._foreach_lerp_(list(model.parameters()), params, 1.0 - rate)
+            torch._foreach_lerp_(local_tensors(model.parameters()), params, 1.0 - rate)
             for b_avg, b in zip(model.buffers(), buffers):
                 b_avg.copy_(b)
 
@@ -369,14 +398,39 @@ class Trainer:
         return out
 
     def _check_finite(self, what: str) -> None:
+        """Refuse to write non-finite weights (a collective check when sharded: every process calls it)."""
         for name, module in self._modules().items():
-            if not all_finite(module.state_dict().values()):
+            if not self._finite(list(module.state_dict().values())):
                 raise TrainingError(
                     f"the {name} weights are not finite at step {self.step}; no {what} was written "
                     f"(the last checkpoint is intact)"
                 )
 
+    def _meta(self) -> dict:
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "scaler": self.scaler.state_dict(),
+            "bad_steps": self.bad_steps,
+            "taken_steps": self.taken_steps,
+        }
+
     def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint: one safetensors file from process 0, or (sharded) a DCP directory every process
+        writes to; returns its path (None on the processes that do not write)."""
+        if self.sharded:
+            self._check_finite("checkpoint")
+            meta = self._meta()
+            return save_sharded(
+                self.run_dir,
+                self.step,
+                self._modules(),
+                self.online,
+                self.optimizer,
+                meta,
+                self.cfg.keep_checkpoints,
+                self.dist,
+            )
         if not self.dist.is_main:
             return None
         self._check_finite("checkpoint")
@@ -386,27 +440,16 @@ class Trainer:
         optim_tensors, optim_meta = ckpt.optimizer_tensors(self.optimizer)
         tensors.update(optim_tensors)
         tensors.update(ckpt.rng_tensors())
-        meta = {
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "optimizer": optim_meta,
-            "scaler": self.scaler.state_dict(),
-            "bad_steps": self.bad_steps,
-            "taken_steps": self.taken_steps,
-        }
+        meta = {**self._meta(), "optimizer": optim_meta}
         return ckpt.write_checkpoint(self.run_dir, self.step, tensors, meta, self.cfg.keep_checkpoints)
 
     def _restore(self) -> None:
-        path, tensors, meta = ckpt.latest_checkpoint(self.run_dir)
-        for prefix, module in self._modules().items():
-            state = ckpt.unprefixed(prefix, tensors)
-            if not state:
-                raise ckpt.ResumeError(f"{path}: holds no '{prefix}' weights; was it written by another kind of run?")
-            module.load_state_dict(state)
-        self.optimizer.load_state_dict(ckpt.optimizer_state(tensors, meta["optimizer"]))
+        if self.sharded:
+            path, meta = load_sharded(self.run_dir, self._modules(), self.online, self.optimizer)
+        else:
+            path, meta = self._restore_file()
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        ckpt.restore_rng(tensors)
         self.step, self.bad_steps = meta["step"], meta["bad_steps"]
         self.taken_steps = meta.get("taken_steps", self.step)  # older checkpoints: no step was skipped
         if self.step > self.cfg.total_steps:
@@ -419,6 +462,17 @@ class Trainer:
             self._write_config()  # a grown run, a moved teacher
             print(f"cmfast: resumed from {path} at step {self.step}")
 
+    def _restore_file(self) -> tuple[Path, dict]:
+        path, tensors, meta = ckpt.latest_checkpoint(self.run_dir)
+        for prefix, module in self._modules().items():
+            state = ckpt.unprefixed(prefix, tensors)
+            if not state:
+                raise ckpt.ResumeError(f"{path}: holds no '{prefix}' weights; was it written by another kind of run?")
+            module.load_state_dict(state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state(tensors, meta["optimizer"]))
+        ckpt.restore_rng(tensors)
+        return path, meta
+
     # --- outputs -----------------------------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
@@ -430,11 +484,27 @@ class Trainer:
         """The model samples are drawn from: the first EMA, else the online weights."""
         return next(iter(self.emas.values())) if self.emas else self.online
 
+    def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """`model` with all its weights on process 0 (None elsewhere): itself, or when sharded a plain copy of the
+        gathered weights (every process must call it then)."""
+        if not self.sharded:
+            return model if self.dist.is_main else None
+        state = full_state_dict(model)
+        if not self.dist.is_main:
+            return None
+        kind = EDMDenoiser if isinstance(model, EDMDenoiser) else ConsistencyModel
+        cfg = self.cfg
+        plain = kind(build_network(self.net_config), cfg.sigma_min, cfg.sigma_max, cfg.sigma_data)
+        plain.load_state_dict(state)
+        plain.autocast_dtype = model.autocast_dtype
+        set_fused_ops(plain.net, self.fused)
+        return plain.to(self.device).train(model.training)
+
     @torch.no_grad()
     def write_samples(self, num: int = 64) -> list[Path]:
-        if not self.dist.is_main:
+        model = self.whole(self.eval_model())
+        if model is None:
             return []
-        model = self.eval_model()
         was_training = model.training
         model.eval()
         c, size = self.net_config.in_channels, self.data.resolution
@@ -458,10 +528,12 @@ class Trainer:
         return written
 
     def export(self) -> None:
-        if self.dist.is_main:
-            self._check_finite("model")
-            save_model(self.eval_model(), self.run_dir / "model.safetensors")
-            save_model(self.online, self.run_dir / "online.safetensors")
+        """model.safetensors (the first EMA) and online.safetensors, whole (gathered when sharded)."""
+        self._check_finite("model")
+        for model, name in ((self.eval_model(), "model"), (self.online, "online")):
+            whole = self.whole(model)
+            if whole is not None:
+                save_model(whole, self.run_dir / f"{name}.safetensors")
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 
@@ -489,8 +561,14 @@ class Trainer:
             disable=not (self.progress and self.dist.is_main),
         )
         window_start, window_steps = time.perf_counter(), 0
+        sampler = StepSampler(len(self.data), cfg.seed, self.split, self.step, end)
+        batches = iter(make_loader(self.data, sampler, self.workers, pin_memory=self.device.type == "cuda"))
         while self.step < end:
-            out = self.train_step()
+            try:
+                raw = [next(batches) for _ in range(self.accum)]
+            except DataError as err:  # raised in a worker: keep the one line that names the file
+                raise DataError(worker_error(err)) from None
+            out = self.train_step(raw)
             window_steps += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                 elapsed = time.perf_counter() - window_start
