@@ -93,7 +93,12 @@ setup(
         "scikit-learn>=1.2",  # the built-in digits dataset
         "torch-fidelity>=0.4",  # FID/KID/IS/precision-recall and the TF-Inception port
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "matplotlib>=3.5"]},
+    extras_require={
+        # diffusers: ConsistencyModelPipeline interop (cmfast.accelerate) and bench's diffusers rows; the layout
+        # itself (export --format diffusers, loading pipeline folders) needs only safetensors
+        "diffusers": ["diffusers>=0.32"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "matplotlib>=3.5", "diffusers>=0.32"],
+    },
     entry_points={"console_scripts": ["cmfast = cmfast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

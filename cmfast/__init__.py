@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, load, load_diffusers, load_official_checkpoint, save, save_diffusers
 from .editing import colorize, denoise, edit, inpaint, interpolate, stroke_edit, super_resolve
+from .interop.accelerate import accelerate, restore
 from .networks import NETWORK_PRESETS, build_network
 from .preconditioning import ConsistencyModel, EDMDenoiser
 from .sampling import (
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "ConsistencyModel",
     "EDMDenoiser",
+    "accelerate",
     "build_network",
     "colorize",
     "denoise",
@@ -35,6 +37,7 @@ __all__ = [
     "load_diffusers",
     "load_official_checkpoint",
     "multistep_sigmas",
+    "restore",
     "sample",
     "save",
     "save_diffusers",

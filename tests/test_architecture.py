@@ -95,6 +95,7 @@ LAYERS = [  # (layer, module prefixes); a module may import its own layer and th
             "cmfast.masks",
             "cmfast.evaluation",
             "cmfast.pipeline",
+            "cmfast.interop.accelerate",
         ],
     ),
     ("cli", ["cmfast.cli"]),
