@@ -24,6 +24,9 @@ OVERRIDES = {
     "network": "network",
     "steps": "total_steps",
     "batch": "batch_size",
+    "accum": "accum",
+    "micro_batch": "micro_batch",
+    "sharding": "sharding",
     "lr": "lr",
     "ema": "ema_rates",
     "dropout": "dropout",
@@ -67,11 +70,41 @@ def register(sub) -> None:
         p.add_argument("--preset", choices=presets, help=f"training preset (default: {default_preset})")
         p.add_argument("--run-dir", required=True, help="directory for this run's outputs")
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (its config.json rules)")
-        p.add_argument("--data", help="dataset: digits8/digits16/digits32, an image folder or an .npz file")
+        p.add_argument(
+            "--data",
+            help="dataset: digits8/digits16/digits32 (in memory), or streamed from disk: an image folder, a .zip of "
+            "images (EDM's layout, labels from its dataset.json), .tar shards or .npz shards (one file, a range "
+            "such as 'shards/train-{0000..0099}.tar', or a glob)",
+        )
         if kind != "cd":
             p.add_argument("--network", help="network preset (see `cmfast info PRESET`)")
         p.add_argument("--steps", type=int, help="total optimizer steps K (on --resume: train on to step K)")
         p.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
+        p.add_argument(
+            "--accum",
+            type=int,
+            help="gradient accumulation: micro-batches per optimizer step on each process (1 when not given); the "
+            "update equals one step on the whole --batch, with EMAs and schedules advancing once per step",
+        )
+        p.add_argument(
+            "--micro-batch",
+            type=int,
+            help="per-process micro-batch instead of --accum: accum = batch / (processes x micro-batch), so the same "
+            "command fits any number of GPUs",
+        )
+        p.add_argument(
+            "--sharding",
+            choices=["ddp", "fsdp"],
+            help="with several processes: ddp replicates the models (when not given); fsdp shards the online, target "
+            "and EMA weights and the optimizer state (FSDP2; checkpoints as torch.distributed.checkpoint "
+            "directories; fp32 or bf16)",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            help="DataLoader processes that read and decode streamed data ahead of training (default: 0 for the "
+            "digits, else the cores per process less one, 1..8)",
+        )
         p.add_argument("--lr", type=float, help="RAdam learning rate")
         p.add_argument("--ema", type=_rates, help="online EMA rates, e.g. 0.999,0.9999")
         p.add_argument("--dropout", type=float, help="override the network's dropout")
@@ -218,6 +251,8 @@ def train_config(args) -> TrainConfig:
 
 
 def run_command(args) -> None:
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must not be negative, got {args.workers}")
     config = train_config(args)
     trainer = Trainer(
         config,
@@ -227,6 +262,7 @@ def run_command(args) -> None:
         device=args.device,
         graph=getattr(args, "graph", False),
         fused=args.fused,
+        workers=args.workers,
     )
     path = trainer.train()
     if trainer.dist.is_main:
