@@ -4,6 +4,7 @@ Suites:
   ops       the fused ops (GroupNorm+SiLU, attention, skip/out, Heun step) against eager PyTorch and torch.compile
   sampling  one-step sampling throughput and batch-1 latency: eager, bf16, torch.compile, cmfast fused, CUDA graph
   cd-step   one consistency-distillation training step: images/s and peak memory, eager AMP, compile, cmfast
+  diffusers one-step sampling of one ADM model: diffusers' pipeline, accelerated by cmfast, cmfast, and compiled
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import sys
 
 from .common import machine, table, write_results
 
-SUITES = {"ops": "bench.ops", "sampling": "bench.sampling", "cd-step": "bench.cd_step"}
+SUITES = {
+    "ops": "bench.ops",
+    "sampling": "bench.sampling",
+    "cd-step": "bench.cd_step",
+    "diffusers": "bench.diffusers_pipeline",
+}
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         type=lambda s: [m for m in s.split(",") if m],
         help="whole-model suites: comma-separated variants, in this order (sampling: eager-bf16, cmfast-fused, "
-        "cmfast-graph, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile)",
+        "cmfast-graph, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile; diffusers: diffusers, "
+        "diffusers+cmfast, cmfast, diffusers+compile)",
     )
     parser.add_argument(
         "--batches",

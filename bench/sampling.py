@@ -6,10 +6,11 @@ Variants, each timed in the same run on the same device:
   compile         torch.compile of the backbone (bf16 autocast; --compile-mode, default max-autotune)
   cmfast-fused    bf16 with cmfast's fused GroupNorm+SiLU / attention (set_fused_ops)
   cmfast-graph    cmfast-fused replayed as a CUDA graph (cmfast.graphs)
-  diffusers       diffusers' ConsistencyModelPipeline over a UNet2DModel of the same widths (bf16 weights), when
-                  diffusers is installed: the peer a user would otherwise pick
+  diffusers       diffusers' ConsistencyModelPipeline (bf16 weights on a GPU): for ADM the same network through the
+                  diffusers key map; for DDPM++ a UNet2DModel of the same widths, scored with its own FLOP count
 Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput (the model's FLOPs counted by
-torch.utils.flop_counter at batch 1). On a CPU: the small presets, eager and cmfast-fused only.
+torch.utils.flop_counter at batch 1). On a CPU: the small presets, without the CUDA graph (and torch.compile only
+with --compile).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 import cmfast
 from cmfast.generate import image_shape
 from cmfast.graphs import graphed_sampler
-from cmfast.networks import set_fused_ops
+from cmfast.interop.diffusers_layout import unet_config
+from cmfast.networks import ADMConfig, set_fused_ops
 
 from .common import add_rates, failure, peak_tflops, select_models, time_ms
 
@@ -52,40 +54,43 @@ def _flops_per_image(model, shape, labels) -> float:
 
 
 def _diffusers_pipeline(preset: str, device: str):
-    """ConsistencyModelPipeline over a UNet2DModel with the preset's widths, depth and attention resolutions (the
-    layout diffusers' own conversion of the official ImageNet-64 checkpoint uses), bf16 weights."""
+    """ConsistencyModelPipeline for the preset, bf16 weights on a GPU (fp32 on a CPU), and its UNet's FLOPs per image.
+
+    ADM presets: the same network as cmfast's, carried over by the diffusers key map (the layout diffusers' own
+    conversion of the official checkpoints uses). DDPM++ has no UNet2DModel equivalent; its stand-in is a UNet2DModel
+    of the same widths, depth and attention resolution, which does less work, so its rows carry its own FLOP count.
+    """
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
 
-    if preset == "adm-imagenet64":
-        unet = UNet2DModel(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=3,
-            num_class_embeds=1000,
-            block_out_channels=(192, 384, 576, 768),
-            attention_head_dim=64,
-            down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
-            resnet_time_scale_shift="scale_shift",
-            upsample_type="resnet",
-            downsample_type="resnet",
-        )
+    config = cmfast.NETWORK_PRESETS[preset]
+    if isinstance(config, ADMConfig):
+        unet = UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
     else:
+        widths = tuple(m * config.model_channels for m in config.channel_mult)
+        attention = [config.img_resolution >> level in config.attn_resolutions for level in range(len(widths))]
         unet = UNet2DModel(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=4,
-            block_out_channels=(128, 256, 256, 256),
-            attention_head_dim=256,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            sample_size=config.img_resolution,
+            in_channels=config.in_channels,
+            out_channels=config.out_channels,
+            layers_per_block=config.num_blocks,
+            block_out_channels=widths,
+            attention_head_dim=max(widths),
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in attention)[::-1],
         )
     scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
-    pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler).to(device, torch.bfloat16)
+    unet = unet.to(device).eval()
+    x = torch.randn(1, config.in_channels, config.resolution, config.resolution, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device) if config.num_classes else None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, torch.tensor(1000.0, device=device), class_labels=y)
+    if device == "cuda":
+        unet = unet.to(dtype=torch.bfloat16)
+    pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, sum(p.numel() for p in unet.parameters())
+    return pipe, sum(p.numel() for p in unet.parameters()), float(counter.get_total_flops())
 
 
 def run(
@@ -117,8 +122,7 @@ def run(
         if device == "cuda":
             variants["cmfast-graph"] = dict(autocast=torch.bfloat16, channels_last=False, fused=True)
         variants["eager-fp32"] = dict(autocast=None, channels_last=False, fused=False)
-        if device == "cuda":
-            variants["diffusers"] = {}
+        variants["diffusers"] = {}
         if compile:
             variants["compile"] = dict(autocast=torch.bfloat16, channels_last=True, fused=False)
         variants = select_models(variants, wanted_variants, "--variants")
@@ -130,7 +134,7 @@ def run(
         del plain
         for name, how in variants.items():
             if name == "diffusers":
-                rows += _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log)
+                rows += _diffusers_rows(preset, n_classes, batches, device, peak, deadline, log)
                 continue
             model = _model(preset, device, **how)
             shape = image_shape(model)
@@ -180,24 +184,24 @@ def run(
     return rows, {"tflops": peak}
 
 
-def _diffusers_rows(preset, n_classes, batches, flops, peak, deadline, log) -> list[dict]:
+def _diffusers_rows(preset, n_classes, batches, device, peak, deadline, log) -> list[dict]:
     try:
-        pipe, n_params = _diffusers_pipeline(preset, "cuda")
+        pipe, n_params, flops = _diffusers_pipeline(preset, device)
     except Exception as e:  # noqa: BLE001 (diffusers missing, or an API it changed)
         log(f"diffusers: {type(e).__name__}: {e}")
         return [dict(model=preset, variant="diffusers", skipped=failure(e))]
     rows = []
     for batch in batches:
-        row = dict(model=preset, variant="diffusers", batch=batch, unet_parameters=n_params)
+        row = dict(model=preset, variant="diffusers", batch=batch, unet_parameters=n_params, flops_per_image=flops)
         if time.monotonic() > deadline:
             rows.append({**row, "skipped": "the suite's time budget ran out"})
             continue
         kwargs = dict(batch_size=batch, num_inference_steps=1, output_type="pt")
         if n_classes:
-            kwargs["class_labels"] = torch.randint(n_classes, (batch,), device="cuda")
+            kwargs["class_labels"] = torch.randint(n_classes, (batch,), device=device)
         try:
             with torch.inference_mode():
-                ms = time_ms(lambda kwargs=kwargs: pipe(**kwargs), "cuda", rep_ms=200)
+                ms = time_ms(lambda kwargs=kwargs: pipe(**kwargs), device, rep_ms=200)
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "skipped": failure(e)})
             continue

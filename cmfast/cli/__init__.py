@@ -11,6 +11,7 @@ Errors in the user's input end in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..checkpoint import CheckpointError
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head): not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     except USER_ERRORS as err:
         print(f"cmfast {args.command}: error: {err}", file=sys.stderr)
         return 2
