@@ -21,6 +21,8 @@
 #   final      the captured CD step's tests alone (with per-test timeouts that print where a hang sits), the DDPM++ CD
 #              step (eager AMP and cmfast, dropout 0), then sampling with eager bf16, the CUDA graph and torch.compile
 #              ('default' mode, static shapes), batch 256 first, ADM-64 first
+#   diffusers  the diffusers interop on CUDA: cmfast.accelerate's CUDA test (graph replay against the plain pipeline),
+#              then python -m bench diffusers for ADM-64 at batch 1 and 256 (diffusers, +cmfast, cmfast, +compile)
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
@@ -104,6 +106,10 @@ for s in ${STEPS//,/ }; do  # in the order given
         --out "$OUT/bench-cd-step.json"
       step bench_sampling 200 python3 -m bench sampling --variants eager-bf16,cmfast-graph,compile --batches 256,1 \
         --compile-mode default --models adm-imagenet64,ddpmpp-cifar10 --out "$OUT/bench-sampling.json" ;;
+    diffusers)
+      step diffusers_tests 60 python3 -m pytest -v -p no:cacheprovider -m cuda --tb=short -ra tests/interop
+      step bench_diffusers 200 python3 -m bench diffusers --batches 256,1 --budget-s 170 \
+        --out "$OUT/bench-diffusers.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
