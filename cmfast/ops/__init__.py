@@ -25,19 +25,30 @@ from torch import Tensor
 
 from ..kernels import attention as _attention
 from ..kernels import group_norm_silu as _group_norm_silu
+from ..kernels import group_norm_silu_nhwc as _group_norm_silu_nhwc
 from ..kernels import heun_step as _heun_step
 from ..kernels import skip_out as _skip_out
 from . import extension
 from .dispatch import BACKENDS, BackendError, Choice, choose, triton_input_reasons
 
-__all__ = ["BACKENDS", "BackendError", "Choice", "attention", "explain", "group_norm_silu", "heun_step", "skip_out"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "Choice",
+    "attention",
+    "explain",
+    "group_norm_silu",
+    "group_norm_silu_nhwc",
+    "heun_step",
+    "skip_out",
+]
 
 
 def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     """The backend `cmfast.ops.<op>(*args, backend=backend, **kwargs)` would run on, and why others were skipped.
     Raises as the op would (BackendError when the backend asked for cannot take the inputs)."""
     prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
-               "attention": _prepare_attention}  # fmt: skip
+               "attention": _prepare_attention, "group_norm_silu_nhwc": _prepare_group_norm_silu_nhwc}  # fmt: skip
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
@@ -133,6 +144,93 @@ def _prepare_group_norm_silu(x, weight, bias, num_groups=32, eps=1e-5, scale=Non
     weight = weight if weight is not None else torch.ones(C, device=x.device)
     bias = bias if bias is not None else torch.zeros(C, device=x.device)
     return choice, (x, weight, bias, scale, shift)
+
+
+# --- channels_last GroupNorm + SiLU with pre-adds (inference) -------------------------------------------------------
+
+
+def group_norm_silu_nhwc(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int = 32,
+    eps: float = 1e-5,
+    pre_add: Tensor | None = None,
+    residual: Tensor | None = None,
+    alpha: float = 1.0,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = True,
+    return_sum: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """SiLU(GroupNorm(h) * weight + bias), with ADM's `* (1 + scale) + shift` when given, on the sum
+    h = x + pre_add + alpha * residual, computed in float32 and rounded once to x's dtype (what an unfused network
+    holds in memory); statistics and arithmetic in float32 on that h, y rounded once. silu=False: no SiLU.
+
+    x: (B, C, H, W), channels_last (NCHW runs on the torch backend), float32/bfloat16/float16; weight, bias: (C,) or
+    None; pre_add: (C,), (1, C) or (B, C) per-channel terms (e.g. a folded conv bias plus a time embedding), any float
+    dtype; residual: like x, same dtype; scale, shift: (B, C) or (B, C, 1, 1). Returns y in x's dtype and memory format,
+    or (y, h) with return_sum=True (h is x itself when nothing is added). Inference only: the fused backends have no
+    backward (calling it raises).
+    """
+    choice, args = _prepare_group_norm_silu_nhwc(
+        x, weight, bias, num_groups, eps, pre_add, residual, alpha, scale, shift, silu, return_sum, backend=backend
+    )
+    if choice.backend == "torch":
+        y, h = _group_norm_silu_nhwc.group_norm_silu_nhwc_ref(*args)
+    else:
+        y, h = torch.ops.cmfast.group_norm_silu_nhwc(*args, return_sum, choice.backend)
+        h = x if pre_add is None and residual is None else h  # the op writes h only when something is added
+    return (y, h) if return_sum else y
+
+
+def _prepare_group_norm_silu_nhwc(
+    x, weight, bias, num_groups=32, eps=1e-5, pre_add=None, residual=None, alpha=1.0, scale=None, shift=None,
+    silu=True, return_sum=False, *, backend,
+):  # fmt: skip
+    """The backend, and the arguments in the order of the backend's function: the reference's (x, weight, bias,
+    num_groups, eps, pre_add, residual, alpha, scale, shift, silu) for torch, the registered op's otherwise."""
+    op = "group_norm_silu_nhwc"
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    B, C = x.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"{op}: {C} channels do not split into num_groups={num_groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (C,):
+            raise ValueError(f"{op}: {name} must have shape ({C},), got {tuple(p.shape)}")
+    if pre_add is not None:
+        if not pre_add.is_floating_point():
+            raise ValueError(f"{op}: pre_add must be a floating-point tensor, got {pre_add.dtype}")
+        if pre_add.shape not in ((C,), (1, C), (B, C)):
+            raise ValueError(
+                f"{op}: pre_add must have shape ({C},), (1, {C}) or ({B}, {C}), got {tuple(pre_add.shape)}"
+            )
+        pre_add = pre_add.reshape(-1, C)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"{op}: residual is {residual.dtype} but x is {x.dtype}; they must have one dtype")
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{op}: give both scale and shift (ADM's scale-shift form) or neither")
+    if scale is not None:
+        for name, t in (("scale", scale), ("shift", shift)):
+            if t.shape not in ((B, C), (B, C, 1, 1)):
+                raise ValueError(f"{op}: {name} must have shape ({B}, {C}) or ({B}, {C}, 1, 1), got {tuple(t.shape)}")
+        scale, shift = scale.reshape(B, C), shift.reshape(B, C)
+    device_type = _check_devices(op, x, weight, bias, pre_add, residual, scale, shift)
+    reasons = {"triton": triton_input_reasons(_group_norm_silu_nhwc, x, num_groups),
+               "ext": [] if extension.reason() else _group_norm_silu_nhwc.ext_unsupported(x, device_type)}  # fmt: skip
+    choice = choose(op, _group_norm_silu_nhwc, backend, device_type, reasons)
+    if choice.backend == "torch":
+        return choice, (x, weight, bias, num_groups, eps, pre_add, residual, alpha, scale, shift, silu)
+    weight = weight if weight is not None else torch.ones(C, device=x.device)
+    bias = bias if bias is not None else torch.zeros(C, device=x.device)
+    return choice, (x, weight, bias, pre_add, residual, float(alpha), scale, shift, num_groups, float(eps), bool(silu))
 
 
 # --- skip/out --------------------------------------------------------------------------------------------------------
