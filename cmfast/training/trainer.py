@@ -383,6 +383,9 @@ class Trainer:
         averages = list(self.emas.items())
         if self.target is not None:
             averages.append((self.loss_fn.target_ema(k), self.target))
+        if self.sharded:  # FSDP keeps a root's weights gathered after a forward without backward (the target's)
+            for _, model in averages:
+                model.reshard()
         for rate, model in averages:
             torch._foreach_lerp_(local_tensors(model.parameters()), params, 1.0 - rate)
             for b_avg, b in zip(model.buffers(), buffers):
