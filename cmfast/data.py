@@ -174,7 +174,9 @@ def decode_image(path: str, resolution: int | None, data: bytes | None = None) -
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
-            if img.mode in _GRAY_MODES:
+            if img.mode in ("L", "RGB"):
+                pass  # already what we keep (convert would copy it)
+            elif img.mode in _GRAY_MODES:
                 img = img.convert("L")
             elif img.mode in _RGB_MODES:
                 img = img.convert("RGB")

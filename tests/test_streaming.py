@@ -1,4 +1,5 @@
-"""Streaming datasets (folder, zip, tar shards, npz shards) against the arrays they were written from; the step
+"""Streaming datasets (folder, zip, tar shards, npz shards; PNG or .npy members) against the arrays they were written
+from, and `cmfast prepare-data`'s shards read back; the step
 sampler's split over processes and micro-batches; the DataLoader's workers; training on a streamed copy of the digits
 equals training on the in-memory digits, and resuming a streamed run is bit-exact."""
 
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cmfast.data import DataError, load_digits, load_image_folder
-from cmfast.streaming import ImageFolder, NpzShards, TarShards, ZipImages, expand_shards, open_dataset
+from cmfast.cli import main
+from cmfast.data import DataError, ImageDataset, load_digits, load_image_folder
+from cmfast.streaming import ImageFolder, NpzShards, TarShards, ZipImages, expand_shards, open_dataset, write_shards
 from cmfast.training.config import preset_config
 from cmfast.training.loader import BatchSplit, StepSampler, make_loader, worker_error
 from cmfast.training.trainer import Trainer
@@ -145,6 +147,42 @@ def test_grayscale_streams_with_one_channel(tmp_path, source):
     write_zip(tmp_path / "g.zip", gray)
     ds = open_dataset(str(tmp_path / "g.zip"))
     assert ds.channels == 1 and torch.equal(read_all(ds)[0], as_chw(gray))
+
+
+@pytest.mark.parametrize("out, members, files", [("s.tar", "png", 3), ("s.tar", "npy", 3), ("s.npz", "png", 3),
+                                                 ("s.zip", "png", 1), ("s.zip", "npy", 1)])  # fmt: skip
+def test_written_shards_read_back(tmp_path, source, out, members, files):
+    images, labels = source
+    dataset = ImageDataset(as_chw(images).contiguous(), torch.from_numpy(labels), CLASSES, "src")
+    spec = write_shards(dataset, tmp_path / out, shard_size=4, members=members, progress=False)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == files and not [n for n in written if n.endswith(".tmp")]
+    x, y = read_all(open_dataset(spec))
+    assert torch.equal(x, as_chw(images)) and y.tolist() == labels.tolist()
+
+
+def test_prepare_data_command(tmp_path, source, capsys):
+    images, labels = source
+    write_zip(tmp_path / "d.zip", images, labels)
+    assert main(["prepare-data", str(tmp_path / "d.zip"), str(tmp_path / "out" / "t.tar"), "--shard-size", "5",
+                 "--members", "npy", "--resolution", "4", "--no-progress"]) == 0  # fmt: skip
+    spec = capsys.readouterr().out.strip().split("--data ")[-1].strip("'")
+    assert spec == str(tmp_path / "out" / "t-{000000..000002}.tar")
+    ds = open_dataset(spec)
+    assert (len(ds), ds.resolution) == (N, 4) and ds.labels.tolist() == labels.tolist()
+    reference = [np.asarray(Image.fromarray(x).resize((4, 4), Image.LANCZOS)) for x in images]  # PIL's own resize
+    assert torch.equal(read_all(ds)[0], as_chw(np.stack(reference)))
+    assert main(["prepare-data", str(tmp_path / "d.zip"), str(tmp_path / "x.csv")]) == 2
+    assert "x.csv: the output must end in .tar, .zip, .npz" in capsys.readouterr().err
+
+
+def test_npy_members_of_the_wrong_type_are_named(tmp_path):
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((8, 8, 3), np.float32))
+        add_member(tf, "000000.npy", buf.getvalue())
+    with pytest.raises(DataError, match=r"s\.tar:000000\.npy: \.npy image must be .* uint8.*float32"):
+        open_dataset(str(tmp_path / "s.tar"))
 
 
 # --- bad data: one line naming the file -----------------------------------------------------------------------------
