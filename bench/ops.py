@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from cmfast import ops
 from cmfast.kernels import group_norm_silu as _gn_kernels
+from cmfast.kernels import group_norm_silu_nhwc as _gn_nhwc_kernels
 from cmfast.kernels.attention import attention_ref
 from cmfast.kernels.heun_step import heun_step_ref
 from cmfast.kernels.skip_out import skip_out_ref
@@ -168,6 +169,62 @@ def _gn_case(device, dtype, network, C, R, batch, form, layout, quick) -> list[C
     return cases
 
 
+def group_norm_nhwc_cases(device, dtype, batches, quick) -> list[Case]:
+    """The inference engine's channels_last GroupNorm+SiLU on x + pre_add (+ residual), against the unfused ops."""
+    shapes = GN_SHAPES[1:5] if quick else GN_SHAPES
+    return [
+        _gn_nhwc_case(device, dtype, network, C, R, batch, residual)
+        for network, C, R in shapes
+        for batch in batches
+        for residual in (False, True)
+    ]
+
+
+def _eager_gn_nhwc(x, pre_add, residual, w, b, scale=None, shift=None):
+    """What an unfused network holds: the sum in x's dtype, then GroupNorm, scale-shift and SiLU."""
+    h = x + pre_add.to(x.dtype)[:, :, None, None]
+    if residual is not None:
+        h = h + residual
+    return _eager_gn(h, w, b, scale, shift)
+
+
+def _gn_nhwc_case(device, dtype, network, C, R, batch, residual) -> Case:
+    g = torch.Generator(device).manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(batch, C, R, R, device=device, dtype=dtype, generator=g).contiguous(memory_format=cl)
+    res = torch.randn_like(x).contiguous(memory_format=cl) if residual else None
+    pre = torch.randn(batch, C, device=device, generator=g)  # a folded conv bias plus a time-embedding term
+    w = 1 + 0.1 * torch.randn(C, device=device, dtype=dtype, generator=g)
+    b = 0.1 * torch.randn(C, device=device, dtype=dtype, generator=g)
+    scale, shift = (
+        (0.1 * torch.randn(batch, C, device=device, dtype=dtype, generator=g) for _ in range(2))
+        if network.startswith("adm")
+        else (None, None)
+    )
+    compiled_fn = _compiled(_eager_gn_nhwc)
+    impls = {
+        "eager": lambda: _eager_gn_nhwc(x, pre, res, w, b, scale, shift),
+        "compile": lambda: compiled_fn(x, pre, res, w, b, scale, shift),
+    }
+    kwargs = dict(pre_add=pre, residual=res, scale=scale, shift=shift)
+    fused, skipped = _backend_impls(
+        "group_norm_silu_nhwc",
+        lambda be: ops.group_norm_silu_nhwc(x, w, b, 32, **kwargs, backend=be),
+        (x, w, b, 32),
+        kwargs,
+    )
+    impls.update(fused)
+    if "cmfast-triton" in fused and _gn_nhwc_kernels._plan(R * R, C)[0] == "single":  # the other path beside it
+        impls["cmfast-triton[split]"] = lambda: _gn_nhwc_kernels.group_norm_silu_nhwc_forward(
+            x, w, b, pre, res, 1.0, scale, shift, 32, 1e-5, True, False, path="split"
+        )
+    form = ("scale-shift" if scale is not None else "silu") + (" +residual" if residual else "")
+    # read x (and the residual), write y
+    n_bytes = (3 if residual else 2) * x.numel() * x.element_size()
+    common = dict(network=network, shape=f"{C}x{R}x{R} {form} channels_last", batch=batch, dtype=str(dtype)[6:])
+    return Case(op="group_norm_silu_nhwc", mode="fwd", impls=impls, bytes=n_bytes, skipped=skipped, **common)
+
+
 def attention_cases(device, dtype, batches, quick) -> list[Case]:
     cases = []
     for network, H, D, T in ATTN_SHAPES[:2] if quick else ATTN_SHAPES:
@@ -282,7 +339,7 @@ def run(quick: bool = False, compile: bool | None = None, log=print) -> tuple[li
     torch._dynamo.config.cache_size_limit = 256
     ceilings = {"bandwidth_gbs": peak_bandwidth_gbs(device), "tflops": peak_tflops(device)}
     log(f"measured ceilings on {device}: {ceilings['bandwidth_gbs']:.0f} GB/s copy, {ceilings['tflops']:.0f} TFLOP/s")
-    cases = group_norm_cases(device, dtype, batches, quick)
+    cases = group_norm_cases(device, dtype, batches, quick) + group_norm_nhwc_cases(device, dtype, batches, quick)
     cases += attention_cases(device, dtype, batches, quick) + pointwise_cases(device, dtype, batches, quick)
     rows = []
     for case in cases:

@@ -41,7 +41,7 @@ from ._common import (
 )
 
 MAX_SINGLE = 32768  # padded elements (BLOCK_P x BLOCK_C) one program holds on the single-pass path
-TILE_ELEMENTS = 4096  # padded elements per program on the split path
+TILE_ELEMENTS = 8192  # padded elements per program on the split path (the group fold costs 3 G x BLOCK_C)
 MAX_CHANNELS = 4096  # one padded channel row per program at least
 MERGE_BLOCK_T = 64  # tiles the merge kernel folds in per step
 PATHS = ("auto", "single", "split")  # the launcher's `path`: "single" or "split" forces one (tests, benchmarks)
@@ -332,7 +332,6 @@ def _normalise_kernel(
     SILU: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_G: tl.constexpr,
 ):
     tile, b = tl.program_id(0), tl.program_id(1)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -344,10 +343,9 @@ def _normalise_kernel(
         h = tl.load(Sum + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         h = _load_sum(X, Pre, Res, Sum, offs, mask, c, cmask, b, pre_b, pre_c, alpha, HAS_PRE, HAS_RES, False)
-    onehot = _group_map(c, cmask, cpg, BLOCK_G)
-    g = tl.arange(0, BLOCK_G)
-    mean_c = _to_channels(tl.load(Mean + b * G + g, mask=g < G, other=0.0), onehot)
-    rstd_c = _to_channels(tl.load(Rstd + b * G + g, mask=g < G, other=0.0), onehot)
+    group = b * G + c // cpg  # each channel's group statistics, gathered (they sit in L1 / L2)
+    mean_c = tl.load(Mean + group, mask=cmask, other=0.0)
+    rstd_c = tl.load(Rstd + group, mask=cmask, other=0.0)
     _normalise_store(
         h,
         Y,
@@ -472,12 +470,13 @@ def group_norm_silu_nhwc_forward(
     scale, shift = (scale, shift) if has_ss else (weight, weight)
     sum_out = h if store_sum else y  # placeholder when h is not written
     kind, block_p, block_c = _plan(hw, C, path)
-    meta = dict(HAS_PRE=has_pre, HAS_RES=has_res, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=_next_power_of_2(G),
+    block_g = _next_power_of_2(G)
+    meta = dict(HAS_PRE=has_pre, HAS_RES=has_res, BLOCK_P=block_p, BLOCK_C=block_c,
                 num_warps=_num_warps(block_p * block_c))  # fmt: skip
     if kind == "single":
         _single_kernel[(B,)](
             x, pre_add, residual, sum_out, y, weight, bias, scale, shift, hw, C, cpg, *pre, *ss, float(alpha),
-            float(eps), STORE_SUM=store_sum, HAS_SCALE_SHIFT=has_ss, SILU=bool(silu), **meta,
+            float(eps), STORE_SUM=store_sum, HAS_SCALE_SHIFT=has_ss, SILU=bool(silu), BLOCK_G=block_g, **meta,
         )  # fmt: skip
         return y, h
     n_tiles = -(-hw // block_p)
@@ -485,11 +484,11 @@ def group_norm_silu_nhwc_forward(
     stats = torch.empty((2, B, G), dtype=torch.float32, device=x.device)
     _tile_stats_kernel[(n_tiles, B)](
         x, pre_add, residual, sum_out, part[0], part[1], hw, C, G, cpg, *pre, float(alpha), STORE_SUM=store_sum,
-        **meta,
+        BLOCK_G=block_g, **meta,
     )  # fmt: skip
     _merge_kernel[(B,)](
         part[0], part[1], stats[0], stats[1], hw, G, cpg, n_tiles, block_p, float(eps), BLOCK_T=MERGE_BLOCK_T,
-        BLOCK_G=meta["BLOCK_G"], num_warps=4,
+        BLOCK_G=block_g, num_warps=4,
     )  # fmt: skip
     _normalise_kernel[(n_tiles, B)](
         x, pre_add, residual, sum_out, y, weight, bias, scale, shift, stats[0], stats[1], hw, C, G, cpg, *pre, *ss,

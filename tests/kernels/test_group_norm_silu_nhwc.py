@@ -151,8 +151,8 @@ def test_torch_backend_odd_groups_and_layouts(dtype, check):
 @pytest.mark.parametrize("path", ["single", "split"])
 @pytest.mark.parametrize("shape", [(3, 192, 7, 9), (1, 576, 7, 9)], ids=["C192", "C576"])
 def test_triton(device, shape, path, extras, dtype, check, monkeypatch):
-    """Both paths forced: single (one program per sample) and split (C = 192: 4 tiles of 16 pixels, the last of 15;
-    C = 576: 16 tiles of 4, the last of 3), the tiles merged 4 at a time so the merge takes several steps."""
+    """Both paths forced: single (one program per sample) and split (C = 192: 2 tiles of 32 pixels, the last of 31;
+    C = 576: 8 tiles of 8, the last of 7), the tiles merged 4 at a time, so the merge takes two steps for C = 576."""
     monkeypatch.setattr(K, "MERGE_BLOCK_T", 4)
     options = OPTIONS[2] if extras else (None, False, False, True, True)
     kw = make_inputs(shape, 32, dtype, device, options=options, seed=shape[1])
@@ -188,10 +188,10 @@ def test_triton_split_statistics_of_an_offset_input(device, check):
 def test_triton_paths_by_size():
     """single while the padded sample fits MAX_SINGLE elements, else split with TILE_ELEMENTS-element tiles."""
     assert K._plan(63, 192) == ("single", 64, 256)
-    assert K._plan(16 * 16, 192) == ("split", 16, 256)
+    assert K._plan(16 * 16, 192) == ("split", 32, 256)
     assert K._plan(25, 1024) == ("single", 32, 1024)
-    assert K._plan(8 * 8, 1024) == ("split", 4, 1024)
-    assert K._plan(64 * 64, 128) == ("split", 32, 128)
+    assert K._plan(8 * 8, 1024) == ("split", 8, 1024)
+    assert K._plan(64 * 64, 128) == ("split", 64, 128)
     with pytest.raises(ValueError, match="unknown path 'tile'"):
         K._plan(63, 192, "tile")
 
