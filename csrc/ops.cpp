@@ -33,4 +33,10 @@ TORCH_LIBRARY(cmfast_ext, m) {
   m.def(
       "heun_step(Tensor x, Tensor F, Tensor sigma, Tensor sigma_next, Tensor? F_next, float sigma_data, "
       "bool clamp) -> Tensor");
+  // channels_last GroupNorm(+scale-shift)(+SiLU) forward on h = x + pre_add + alpha residual (float32, rounded once to
+  // x's dtype): y, and h itself when return_sum and something is added (else an empty tensor). pre_add: (C,), (1, C)
+  // or (B, C); residual like x. Inference only; CUDA kernel in cuda/group_norm_silu_nhwc.cu.
+  m.def(
+      "group_norm_silu_nhwc(Tensor x, Tensor weight, Tensor bias, Tensor? pre_add, Tensor? residual, float alpha, "
+      "Tensor? scale, Tensor? shift, int num_groups, float eps, bool silu, bool return_sum) -> (Tensor, Tensor)");
 }

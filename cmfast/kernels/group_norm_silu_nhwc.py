@@ -417,6 +417,8 @@ def ext_unsupported(x: Tensor, device_type: str) -> list[str]:
         return [f"the CUDA group_norm_silu_nhwc kernel takes at most {EXT_THREADS * vec} channels for {x.dtype}"]
     if per_sample_numel(x) >= OFFSET_LIMIT:
         return [f"{per_sample_numel(x)} elements per sample overflow the CUDA kernel's 32-bit offsets"]
+    if x.shape[0] > GRID_LIMIT:
+        return [f"batch {x.shape[0]} is above the CUDA kernel's grid limit {GRID_LIMIT}"]
     return []
 
 

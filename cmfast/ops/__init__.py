@@ -1,13 +1,14 @@
-"""The fused ops and their dispatch: GroupNorm+SiLU, attention, the skip/out combination and the Heun step.
+"""The fused ops and their dispatch: GroupNorm+SiLU (and group_norm_silu_nhwc, its channels_last inference form on
+x + pre_add + alpha residual), attention, the skip/out combination and the Heun step.
 
 Every op takes backend=None|"ext"|"triton"|"torch". With None, the first backend that can take the inputs runs, in the
-order ext (the C++/CUDA extension cmfast._C: CPU kernels for every op but attention, and a CUDA kernel for
-GroupNorm+SiLU on channels_last tensors), triton, torch; the environment variable CMFAST_BACKEND sets the backend for
-every call that passes None ("auto" or empty keeps the automatic choice). Each skipped backend has a reason (`explain`
-returns them), and a backend that was asked for and cannot take the inputs raises BackendError with its reasons.
-Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is first imported (Triton picks
-the interpreter when it decorates a function, its own library's included). "cuda", the extension backend's former
-name, still selects "ext", with a DeprecationWarning.
+order ext (the C++/CUDA extension cmfast._C: CPU kernels for every op but attention and group_norm_silu_nhwc, and CUDA
+kernels for both GroupNorm+SiLU ops on channels_last tensors), triton, torch; the environment variable CMFAST_BACKEND
+sets the backend for every call that passes None ("auto" or empty keeps the automatic choice). Each skipped backend has
+a reason (`explain` returns them), and a backend that was asked for and cannot take the inputs raises BackendError with
+its reasons. Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is first imported
+(Triton picks the interpreter when it decorates a function, its own library's included). "cuda", the extension backend's
+former name, still selects "ext", with a DeprecationWarning.
 
 The torch backend is the plain reference (`cmfast.kernels.<op>.<op>_ref`, the networks' and samplers' own math, e.g.
 ADM's GroupNorm32), differentiated by autograd and fused by torch.compile. The fused backends run through the custom

@@ -238,25 +238,32 @@ def test_ext_cuda(dtype, channels, hw, check):
 
 
 @needs_ext_cuda
-def test_ext_cuda_registration_and_checks():
+def test_ext_cuda_checks():
     kw = make_inputs((2, 192, 9, 7), 32, torch.bfloat16, "cuda")
-    E = torch.ops.cmfast_ext.group_norm_silu_nhwc.default
-    args = (kw["x"], kw["weight"], kw["bias"], kw["pre_add"].reshape(2, 192), kw["residual"], 0.7,
-            kw["scale"].reshape(2, 192), kw["shift"].reshape(2, 192), 32, 1e-5, True, True)  # fmt: skip
-    torch.library.opcheck(E, args)
+    args = _op_args(kw, "ext")[:-1]
+    E = torch.ops.cmfast_ext.group_norm_silu_nhwc
     with pytest.raises(RuntimeError, match="needs a 4-D channels_last x"):
         E(kw["x"].contiguous(), *args[1:])
-    with pytest.raises(RuntimeError, match="pre_add must have shape"):
-        E(kw["x"], kw["weight"], kw["bias"], kw["pre_add"].reshape(2, 192)[:, :96], *args[4:])
+    with pytest.raises(RuntimeError, match=r"pre_add must have shape \(C,\), \(1, C\) or \(B, C\) = \(2, 192\)"):
+        E(*args[:3], args[3][:, :96], *args[4:])
+    with pytest.raises(RuntimeError, match="residual is Float but x is BFloat16"):
+        E(*args[:4], args[4].float(), *args[5:])
+    odd = make_inputs((1, 36, 4, 4), 4, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="C must be a multiple of 8"):
+        E(*_op_args(odd, "ext")[:-1])
 
 
 @needs_ext_cuda
 @pytest.mark.skipif(
-    "group_norm_silu_nhwc" not in ops.extension.OPS, reason="cmfast/ops/extension.py does not list the op in OPS yet"
+    "group_norm_silu_nhwc" not in ops.extension.OPS,
+    reason="cmfast/ops/extension.py does not list the op in OPS (nor register its fake) yet",
 )
-def test_ext_cuda_dispatch():
+def test_ext_cuda_dispatch_and_opcheck():
     kw = make_inputs((2, 192, 9, 7), 32, torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.cmfast_ext.group_norm_silu_nhwc.default, _op_args(kw, "ext")[:-1])
     assert ops.explain("group_norm_silu_nhwc", **kw) == ops.Choice("ext", {})
+    odd = make_inputs((1, 36, 4, 4), 4, torch.bfloat16, "cuda")
+    assert "multiple of 8" in ops.explain("group_norm_silu_nhwc", **odd).skipped["ext"]
     kw["x"] = kw["x"].contiguous()
     assert "channels_last" in ops.explain("group_norm_silu_nhwc", **kw).skipped["ext"]
 
