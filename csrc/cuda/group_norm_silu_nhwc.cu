@@ -34,7 +34,7 @@ namespace {
 using at::Tensor;
 
 constexpr int kBlock = 256;               // threads per block at most; NV = C / V must not exceed it
-constexpr int kSingleSmem = 96 * 1024;    // the single-pass kernel's shared-memory budget per block
+constexpr int kSingleSmem = 96 * 1024;    // the single-pass kernel's shared-memory budget per block (at most)
 constexpr int kMaxSplits = 1024;          // row ranges per sample on the split path (the merge reads them all)
 constexpr int kMergeThreads = 256;
 
@@ -332,18 +332,20 @@ void launch(const Tensor& x, const Tensor& res, Tensor& sum, Tensor& y, Params p
   T* sp = sum.numel() > 0 ? sum.mutable_data_ptr<T>() : nullptr;
   T* yp = y.mutable_data_ptr<T>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int device = x.get_device(), sm_count = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int single_budget = std::min(kSingleSmem, smem_optin);
   const size_t single_smem = sizeof(T) * static_cast<size_t>(p.HW) * p.C +
                              sizeof(float) * (static_cast<size_t>(lanes) * p.C + p.C + 2 * p.G);
-  if (single_smem <= kSingleSmem) {
+  if (single_smem <= static_cast<size_t>(single_budget)) {
     auto kernel = single_kernel<T>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSingleSmem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, single_budget));
     kernel<<<B, threads, single_smem, stream>>>(xp, rp, sp, yp, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   // Row ranges: enough blocks for about four per multiprocessor, each at least 4 rows per lane.
-  int device = x.get_device(), sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const int max_splits = std::clamp(p.HW / (4 * lanes), 1, kMaxSplits);
   p.S = std::clamp((4 * sm_count + B - 1) / B, 1, max_splits);
   p.rows = (p.HW + p.S - 1) / p.S;
