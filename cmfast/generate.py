@@ -1,7 +1,8 @@
 """Batch generation with per-sample seeds, and the one place that plans a sampling run.
 
 `sampling_plan` decides, once per command, whether a model samples as a teacher (EDM's Heun sampler) or as a
-consistency model (Algorithm 1), which time points it runs, and whether a CUDA graph can replay it; `sample`, `eval`,
+consistency model (Algorithm 1), which time points it runs, whether the inference engine (`cmfast.engine`) runs the
+network (by default on CUDA) and whether a CUDA graph can replay it; `sample`, `eval`,
 `tune-steps` and `edit` all take its answer. `generate` then runs a plan over batches: image i of a run with seed S
 draws its noise (and its class label, when the model is class-conditional and no label is given) from its own
 generator seeded S + i, so it is the same image whatever the batch size.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import engine as engine_lib
 from .graphs import graph_unavailable_reason, graphed_sampler
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
@@ -45,7 +47,9 @@ class SamplingPlan:
 
     A teacher runs EDM's Heun sampler for `heun_steps` steps; a consistency model runs Algorithm 1 at
     `evaluation_sigmas`. `sigmas` are the time points as the user gave or resolved them (a final sigma_min only marks
-    the end), `graph` whether a CUDA graph replays the sampler, and `graph_refused` why a requested graph cannot run.
+    the end), `graph` whether a CUDA graph replays the sampler, and `graph_refused` why a requested graph cannot run;
+    `engine` whether `generate` runs the network through `cmfast.engine.prepare`, `engine_refused` why not where it
+    was asked for or would have been the default.
     """
 
     teacher: bool
@@ -56,6 +60,8 @@ class SamplingPlan:
     graph_refused: str = ""
     ts: tuple[int, ...] | None = None
     grid: int | None = None
+    engine: bool = False
+    engine_refused: str = ""
 
     @property
     def warning(self) -> str:
@@ -75,8 +81,18 @@ class SamplingPlan:
     def record(self) -> dict:
         """What a run's JSON says about its sampler."""
         if self.teacher:
-            return {"sampler": "edm_heun", "heun_steps": self.heun_steps, "evaluations": self.evaluations}
-        record = {"sampler": "multistep", "sigmas": list(self.sigmas), "evaluations": self.evaluations}
+            return {
+                "sampler": "edm_heun",
+                "heun_steps": self.heun_steps,
+                "evaluations": self.evaluations,
+                "engine": self.engine,
+            }
+        record = {
+            "sampler": "multistep",
+            "sigmas": list(self.sigmas),
+            "evaluations": self.evaluations,
+            "engine": self.engine,
+        }
         if self.ts is not None:
             record.update(ts=list(self.ts), grid=self.grid)
         return record
@@ -91,6 +107,7 @@ def sampling_plan(
     graph: bool = False,
     default_sigmas: Sequence[float] | None = None,
     teacher_error: str | None = None,
+    engine: bool | None = None,
 ) -> SamplingPlan:
     """Decide teacher or student, the time points and graph use for `model`, or raise a one-line ValueError.
 
@@ -99,6 +116,8 @@ def sampling_plan(
     `default_sigmas`, else one step at sigma_max. An EDM teacher takes only `steps`, its Heun steps (default 18).
     teacher_error: refuse teachers with this one-line message (commands that need a consistency model).
     graph=True asks for CUDA-graph replay; where it cannot run, the plan says why in `graph_refused`.
+    engine: None runs the network through the inference engine on CUDA where it can lower the network; True asks
+    for it on any device; False keeps the model's own forward.
     """
     if sum(v is not None for v in (steps, sigmas, ts)) > 1:
         raise ValueError("give one of steps, sigmas or ts")
@@ -112,7 +131,14 @@ def sampling_plan(
         if sigmas is not None or ts is not None:
             raise ValueError("an EDM teacher samples with Heun steps: use --steps, not --sigmas/--ts")
         refused = "teachers sample with EDM's Heun sampler, which is not captured" if graph else ""
-        return SamplingPlan(True, heun_steps=DEFAULT_HEUN_STEPS if steps is None else int(steps), graph_refused=refused)
+        use, why = _engine_choice(model, engine)
+        return SamplingPlan(
+            True,
+            heun_steps=DEFAULT_HEUN_STEPS if steps is None else int(steps),
+            graph_refused=refused,
+            engine=use,
+            engine_refused=why,
+        )
     kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     if sigmas is not None:
         chosen = [float(s) for s in sigmas]
@@ -124,6 +150,7 @@ def sampling_plan(
         chosen = multistep_sigmas(1 if steps is None else steps, **kw).tolist()
     evaluated = evaluation_sigmas(chosen, model.sigma_min, model.sigma_max)
     refused = graph_unavailable_reason(model) if graph else ""
+    use_engine, engine_refused = _engine_choice(model, engine)
     return SamplingPlan(
         False,
         sigmas=tuple(chosen),
@@ -132,7 +159,29 @@ def sampling_plan(
         graph_refused=refused,
         ts=tuple(int(t) for t in ts) if ts is not None else None,
         grid=grid if ts is not None else None,
+        engine=use_engine,
+        engine_refused=engine_refused,
     )
+
+
+def _engine_choice(model, engine: bool | None) -> tuple[bool, str]:
+    """(use the engine, why not) for a model and the caller's wish (None: on CUDA where it can lower the network)."""
+    if engine is False:
+        return False, ""
+    if isinstance(model, engine_lib.EngineModel):
+        return False, "the model is already an engine"
+    if engine is None and next(model.parameters()).device.type != "cuda":
+        return False, ""
+    reason = engine_lib.unsupported(model)
+    return not reason, reason
+
+
+def prepared(model, plan: SamplingPlan):
+    """The module that runs the plan's network evaluations: the engine built once from `model` (weights cast to the
+    model's autocast dtype, or kept float32) when the plan says so, else the model itself."""
+    if not plan.engine:
+        return model
+    return engine_lib.prepare(model, dtype=getattr(model, "autocast_dtype", None) or torch.float32)
 
 
 @dataclass
@@ -200,6 +249,7 @@ def generate(
     check_class_label(model, class_label)
     n_classes = num_classes(model)
     device = next(model.parameters()).device
+    model = prepared(model, plan)
     shape = image_shape(model)
     images, labels, seconds, first_seconds = [], [], 0.0, 0.0
     for start in tqdm(range(0, num, batch), desc="sampling", unit="batch", disable=not progress):

@@ -1,6 +1,6 @@
 """The package's import graph, read from the source with `ast`: no cycles, no import hidden inside a function, and
 each layer imports only from the layers below it (math <- kernels <- ops <- networks <- models and checkpoints <-
-generate, training, editing, evaluation <- cli)."""
+engine <- generate, training, editing, evaluation <- cli)."""
 
 import ast
 from pathlib import Path
@@ -86,6 +86,7 @@ LAYERS = [  # (layer, module prefixes); a module may import its own layer and th
     ("ops", ["cmfast.ops"]),
     ("networks", ["cmfast.networks"]),
     ("models", ["cmfast.checkpoint", "cmfast.graphs", "cmfast.interop.diffusers_layout"]),
+    ("engine", ["cmfast.engine"]),
     (
         "work",
         [

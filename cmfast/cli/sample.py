@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -60,6 +61,14 @@ def register(sub) -> None:
         action="store_true",
         help="run GroupNorm+SiLU and attention through cmfast's fused kernels (cmfast.ops; C++/CUDA extension or "
         "Triton)",
+    )
+    p.add_argument(
+        "--engine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the network through cmfast's inference engine (channels_last, weights resident in --dtype, fused "
+        "norms that absorb residual adds, one batched embedding projection; ADM and DDPM++): default on CUDA, "
+        "--engine elsewhere too, --no-engine for the model's own forward",
     )
     p.set_defaults(handler=cmd_sample)
 
@@ -127,9 +136,11 @@ def cmd_sample(args) -> None:
     check_out_dir(args.out)
     model = load_for_sampling(args.model, device, args.dtype, args.fused)
     check_memory(num, image_shape(model), available_memory())
-    plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid, graph=args.graph)
+    plan = sampling_plan(model, args.steps, args.sigmas, args.ts, args.grid, graph=args.graph, engine=args.engine)
     if plan.graph_refused:
         print(f"cmfast: --graph: {plan.graph_refused}; sampling eagerly", file=sys.stderr)
+    if plan.engine_refused and args.engine is not False:
+        print(f"cmfast: engine: {plan.engine_refused}; running the model's own forward", file=sys.stderr)
     if plan.warning:
         print(f"cmfast sample: warning: {plan.warning}", file=sys.stderr)
     run = {
@@ -143,7 +154,7 @@ def cmd_sample(args) -> None:
         "dtype": args.dtype,
         "torch": torch.__version__,
         "graph": plan.graph,
-        "fused": args.fused,
+        "fused": args.fused or plan.engine,
     }
     run.update({k: v for k, v in plan.record().items() if k not in ("ts", "grid")})  # the sigmas say it all
     result = generate(model, plan, num, args.batch, args.seed, args.class_label, progress=not args.no_progress)
