@@ -56,8 +56,12 @@ def qkv_attention(qkv: Tensor, num_heads: int, layout: str = "3hd") -> Tensor:
         q, k, v = qkv.reshape(batch, 3, num_heads, head_dim, length).unbind(1)
     else:
         q, k, v = qkv.reshape(batch, num_heads, 3, head_dim, length).unbind(2)
-    # (B, heads, head_dim, T) -> (B, heads, T, head_dim), the layout scaled_dot_product_attention expects.
+    # (B, heads, head_dim, T) -> (B, heads, T, head_dim), the layout scaled_dot_product_attention expects. Its fused
+    # backends (flash, cuDNN, memory-efficient) need a unit-stride last dimension; from an NCHW qkv that takes a copy
+    # (without it SDPA falls back to its math path, ~30x slower on an H100 at ADM-64's shapes), from a channels_last
+    # one the views already have it.
     q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
     return out.transpose(-1, -2).reshape(batch, num_heads * head_dim, length)
 
