@@ -2,7 +2,8 @@
 
 Suites:
   ops       the fused ops (GroupNorm+SiLU, attention, skip/out, Heun step) against eager PyTorch and torch.compile
-  sampling  one-step sampling throughput and batch-1 latency: eager, bf16, torch.compile, cmfast fused, CUDA graph
+  sampling  one-step sampling throughput and batch-1 latency: eager (NCHW, channels_last), torch.compile, diffusers,
+            cmfast fused, the engine, the engine as a CUDA graph
   cd-step   one consistency-distillation training step: images/s and peak memory, eager AMP, compile, cmfast
   diffusers one-step sampling of one ADM model: diffusers' pipeline, accelerated by cmfast, cmfast, and compiled
 """
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--compile-mode",
-        default="max-autotune",
-        help="torch.compile mode of the whole-model suites (max-autotune tunes for minutes; 'default' is quicker)",
+        help="torch.compile mode of the whole-model suites (default: max-autotune, and reduce-overhead at batch 1 in "
+        "sampling; max-autotune tunes for minutes, 'default' is quicker)",
     )
     parser.add_argument("--budget-s", type=float, default=1e9, help="whole-model suites: skip what starts later")
     parser.add_argument(
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variants",
         type=lambda s: [m for m in s.split(",") if m],
-        help="whole-model suites: comma-separated variants, in this order (sampling: eager-bf16, cmfast-fused, "
-        "cmfast-graph, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile; diffusers: diffusers, "
-        "diffusers+cmfast, cmfast, diffusers+compile)",
+        help="whole-model suites: comma-separated variants (sampling: eager-bf16-cl, eager-bf16-nchw, engine, "
+        "engine-graph, cmfast-fused, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile; "
+        "diffusers: diffusers, diffusers+cmfast, cmfast, diffusers+compile)",
     )
     parser.add_argument(
         "--batches",
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             "batches": args.batches,
         }
         accepted = inspect.signature(module.run).parameters
-        options = {k: v for k, v in options.items() if k in accepted}
+        options = {k: v for k, v in options.items() if k in accepted and v is not None}
         rows, extra = module.run(quick=args.quick, compile=args.compile, log=lambda s: print(s, flush=True), **options)
         path = write_results(suite + ("-quick" if args.quick else ""), info, rows, {"ceilings": extra}, args.out)
         print(f"\n## {suite} ({info['device']}); full results: {path}\n")

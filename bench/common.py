@@ -97,6 +97,14 @@ def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms
     return statistics.median(samples) * 1000
 
 
+def repeated_ms(fn: Callable[[], object], device: str, repeats: int = 5, rep_ms: float = 100) -> dict:
+    """Median, minimum and maximum of `repeats` timings of fn, each itself a median over many calls (time_ms), after
+    one warm-up call (capture, autotuning, the allocator)."""
+    fn()
+    times = [time_ms(fn, device, rep_ms=rep_ms) for _ in range(repeats)]
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
+
+
 def time_graph_ms(fn: Callable[[], object], rep_ms: float = 100) -> float:
     """Median milliseconds per call of fn replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the
     kernels' own time without Python's launch overhead, as a captured sampler or training step sees it."""

@@ -14,7 +14,6 @@ the device's measured bf16 matrix throughput.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -24,12 +23,11 @@ from cmfast.graphs import graphed_sampler
 from cmfast.interop.diffusers_layout import to_diffusers_state, unet_config
 from cmfast.networks import NETWORK_PRESETS, set_fused_ops
 
-from .common import add_rates, failure, peak_tflops, select_models, time_ms
+from .common import add_rates, failure, peak_tflops, repeated_ms, select_models
 
 GPU_MODELS = ["adm-imagenet64"]
 CPU_MODELS = ["adm-tiny", "adm-tiny32"]
 BATCHES_GPU, BATCHES_CPU = (1, 16, 64, 256), (1, 16)
-REPEATS = 5
 VARIANTS = ("diffusers", "diffusers+cmfast", "cmfast", "diffusers+compile")
 SUMMARY_COLUMNS = ["model", "variant", "batch", "ms", "ms_min", "ms_max", "images_s", "pct_peak", "x_diffusers"]
 
@@ -73,13 +71,6 @@ def _flop_counts(model, n_classes: int, device: str) -> tuple[float, float]:
     unet = _pipeline(model, torch.float32).unet
     theirs = _flops(lambda: unet(x, torch.tensor(1000.0, device=device), class_labels=y))
     return ours, theirs
-
-
-def repeated_ms(fn, device: str, repeats: int = REPEATS) -> dict:
-    """Median, minimum and maximum of `repeats` timings of fn (each itself a median over many calls)."""
-    fn()  # warm-up: capture, autotune, allocator
-    times = [time_ms(fn, device, rep_ms=100) for _ in range(repeats)]
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
 
 
 def run(

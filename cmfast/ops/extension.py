@@ -1,9 +1,10 @@
 """The C++/CUDA extension cmfast._C (csrc/), the "ext" backend: loading it, and what its kernels can take.
 
-Importing cmfast._C registers the torch.ops.cmfast_ext operators (schemas in csrc/ops.cpp): CPU kernels for every op
-but attention, and a CUDA kernel for GroupNorm+SiLU on channels_last tensors. The load happens once, when cmfast.ops
-is imported, so that torch.compile never traces it; the kernel files' fake implementations of those operators are
-registered right after.
+Importing cmfast._C registers the torch.ops.cmfast_ext operators (schemas in csrc/ops.cpp): CPU kernels for
+GroupNorm+SiLU (forward and backward), skip/out and the Heun step, and CUDA kernels for GroupNorm+SiLU and the
+inference engine's GroupNorm+SiLU with pre-adds (group_norm_silu_nhwc), both on channels_last tensors. The load
+happens once, when cmfast.ops is imported, so that torch.compile never traces it; the kernel files' fake
+implementations of those operators are registered right after.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import group_norm_silu, heun_step, skip_out
+from ..kernels import group_norm_silu, group_norm_silu_nhwc, heun_step, skip_out
 from ..kernels._common import KERNEL_DTYPES, ext_has_kernel
 
-OPS = ("group_norm_silu", "group_norm_silu_backward", "skip_out", "heun_step")  # schemas in csrc/ops.cpp
+OPS = ("group_norm_silu", "group_norm_silu_backward", "group_norm_silu_nhwc", "skip_out", "heun_step")  # csrc/ops.cpp
 DEVICE_TYPES = ("cpu", "cuda")
 THREADS = 256  # threads per block of the CUDA GroupNorm kernel: a tile may hold 256 vectors of channels
 
@@ -31,7 +32,7 @@ def _load() -> tuple[str, frozenset[tuple[str, str]]]:
         from .. import _C  # noqa: F401  (importing it registers the cmfast_ext operators)
     except (ImportError, OSError) as e:
         return f"the C++/CUDA extension cmfast._C failed to load: {e}", frozenset()
-    for module in (group_norm_silu, skip_out, heun_step):
+    for module in (group_norm_silu, group_norm_silu_nhwc, skip_out, heun_step):
         module.register_ext_fakes()
     return "", frozenset((op, device) for op in OPS for device in DEVICE_TYPES if ext_has_kernel(op, device))
 
