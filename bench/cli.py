@@ -6,6 +6,7 @@ Suites:
             cmfast fused, the engine, the engine as a CUDA graph
   cd-step   one consistency-distillation training step: images/s and peak memory, eager AMP, compile, cmfast
   diffusers one-step sampling of one ADM model: diffusers' pipeline, accelerated by cmfast, cmfast, and compiled
+  profile   kernel tables of one sampling call (engine, eager, compile): kernel count and time by category
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUITES = {
     "sampling": "bench.sampling",
     "cd-step": "bench.cd_step",
     "diffusers": "bench.diffusers_pipeline",
+    "profile": "bench.profile_tables",
 }
 
 

@@ -11,7 +11,12 @@
 #   ops        python -m bench ops (ops-quick: batch 256 only, fewer shapes)
 #   sampling   python -m bench sampling (sampling-quick: batch 1 and 256, compile in 'default' mode)
 #   cd-step    python -m bench cd-step (cd-step-quick: l2 only)
-#   engine     the CUDA tests of the graph sampler, the captured CD step and the CLI (tests/test_graphs.py, training)
+#   engine     the CUDA tests of the inference engine, its NHWC norm kernel, the graph sampler, the captured CD step,
+#              the diffusers interop (tests/engine, tests/kernels/test_group_norm_silu_nhwc.py, tests/test_graphs.py,
+#              tests/training, tests/interop)
+#   fair       the fair sampling suite for ADM-64 and DDPM++ at batch 256 and 1 (eager NCHW and channels_last, the
+#              engine, the engine as a CUDA graph, cmfast fused, diffusers), then its torch.compile rows (max-autotune,
+#              reduce-overhead at batch 1), then the profiler kernel tables (engine graph, eager, compile)
 #   engine-bench  the engine figures first, for a short lease: one-step sampling at batch 1 and 256 for ADM-64 then
 #              DDPM++ without torch.compile (eager bf16, cmfast fused, CUDA graph, eager fp32, diffusers), the CD step
 #              (l2) for both models, then the torch.compile rows of sampling in 'default' mode (compiling is slowest)
@@ -76,8 +81,16 @@ for s in ${STEPS//,/ }; do  # in the order given
     cd-step) step bench_cd_step 200 python3 -m bench cd-step --out "$OUT/bench-cd-step.json" ;;
     cd-step-quick) step bench_cd_step 90 python3 -m bench cd-step --quick --compile-mode default --budget-s 60 \
       --out "$OUT/bench-cd-step.json" ;;
-    engine) step engine_tests 110 python3 -m pytest -v -p no:cacheprovider -n 4 -m cuda --tb=short -ra \
-      tests/test_graphs.py tests/training ;;
+    engine) step engine_tests 150 python3 -m pytest -v -p no:cacheprovider -n 4 -m cuda --tb=short -ra \
+      tests/engine tests/kernels/test_group_norm_silu_nhwc.py tests/test_graphs.py tests/training tests/interop ;;
+    fair)
+      step bench_sampling 200 python3 -m bench sampling --batches 256,1 --models adm-imagenet64,ddpmpp-cifar10 \
+        --variants eager-bf16-cl,eager-bf16-nchw,engine,engine-graph,cmfast-fused,diffusers --budget-s 170 \
+        --out "$OUT/bench-sampling.json"
+      step bench_sampling_compile 200 python3 -m bench sampling --batches 256,1 --variants compile \
+        --models adm-imagenet64,ddpmpp-cifar10 --budget-s 170 --out "$OUT/bench-sampling-compile.json"
+      step bench_profile 150 python3 -m bench profile --compile-mode default --budget-s 120 \
+        --out "$OUT/bench-profile.json" ;;
     engine-bench)
       step bench_sampling 170 python3 -m bench sampling --quick --no-compile --models adm-imagenet64,ddpmpp-cifar10 \
         --budget-s 140 --out "$OUT/bench-sampling.json"
