@@ -9,6 +9,7 @@ sum out for the skip connections that need it later. Where the next step is not 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +102,52 @@ def self_attention(y: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, heads
     """Multi-head self-attention of a channels_last (B, C, H, W) y, q/k/v projected as (3, heads, head_dim) rows.
 
     The projection's (B, H W, 3C) output is cut into q, k and v as (B, heads, T, head_dim) views whose last
-    dimension has unit stride, the layout every fused SDPA backend takes. Returns (B, T, C), channels (head, d).
+    dimension has unit stride, the layout every fused SDPA backend takes; on CUDA the kernel (SDPA, or cmfast's
+    attention over the same projection) is the faster of the two at this shape (`ATTENTION_CHOICE`). Returns
+    (B, T, C), channels (head, d).
     """
     b, c, h, w = y.shape
     t = h * w
-    qkv = linear_nhwc(y, qkv_weight, qkv_bias).permute(0, 2, 3, 1).reshape(b, t, 3, heads, c // heads)
-    q, k, v = (u.transpose(1, 2) for u in qkv.unbind(2))
+    qkv = linear_nhwc(y, qkv_weight, qkv_bias).permute(0, 2, 3, 1).reshape(b, t, 3 * c)
+    if _attention_kernel(qkv, heads, scale) == "cmfast":
+        return ops.attention(qkv.transpose(1, 2), heads).transpose(1, 2)
+    return _sdpa(qkv, heads, scale)
+
+
+def _sdpa(qkv: Tensor, heads: int, scale: float) -> Tensor:
+    b, t, c3 = qkv.shape
+    q, k, v = (u.transpose(1, 2) for u in qkv.reshape(b, t, 3, heads, c3 // (3 * heads)).unbind(2))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(b, t, c)
+    return out.transpose(1, 2).reshape(b, t, c3 // 3)
+
+
+ATTENTION_CHOICE: dict[tuple, str] = {}  # (shape, dtype, heads, device) -> "sdpa" or "cmfast", measured once
+
+
+def _attention_kernel(qkv: Tensor, heads: int, scale: float) -> str:
+    """ "sdpa" off CUDA; on CUDA the faster of SDPA and cmfast's attention at this shape, timed once with CUDA events
+    (outside a graph capture: during one, the measured choice or SDPA). cmfast's kernel takes only the
+    1/sqrt(head_dim) scale, which both networks use."""
+    if qkv.device.type != "cuda" or abs(scale * math.sqrt(qkv.shape[-1] // (3 * heads)) - 1) > 1e-6:
+        return "sdpa"
+    key = (tuple(qkv.shape), qkv.dtype, heads, qkv.device.index)
+    if key in ATTENTION_CHOICE or torch.cuda.is_current_stream_capturing():
+        return ATTENTION_CHOICE.get(key, "sdpa")
+    runs = {"sdpa": lambda: _sdpa(qkv, heads, scale)}
+    if not ops.explain("attention", qkv.transpose(1, 2), heads).backend == "torch":
+        runs["cmfast"] = lambda: ops.attention(qkv.transpose(1, 2), heads)
+    times = {}
+    for name, fn in runs.items():
+        fn()  # compile / autotune outside the timing
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end)
+    ATTENTION_CHOICE[key] = min(times, key=times.get)
+    return ATTENTION_CHOICE[key]
 
 
 def rows_to_nhwc(rows: Tensor, height: int, width: int) -> Tensor:
