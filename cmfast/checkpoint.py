@@ -284,23 +284,25 @@ def _load_any(spec: str, device) -> ConsistencyModel | EDMDenoiser:
             "nor an existing file or folder"
         )
     _require_file(spec)
+    folder = os.path.dirname(os.path.abspath(spec))
+    if os.path.basename(spec) in diffusers_layout.ALL_WEIGHTS_NAMES and diffusers_layout.is_diffusers_folder(folder):
+        return load_diffusers(folder, device, weights_name=os.path.basename(spec))
     if is_torch_save_file(spec):
         return load_official_checkpoint(spec, device=device)
-    if os.path.basename(spec) in diffusers_layout.WEIGHTS_NAMES and diffusers_layout.is_diffusers_folder(
-        os.path.dirname(os.path.abspath(spec))
-    ):
-        return load_diffusers(os.path.dirname(os.path.abspath(spec)), device)
     return load_file(spec, device=device)
 
 
-def load_diffusers(path: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyModel:
+def load_diffusers(
+    path: str | os.PathLike, device: str | torch.device = "cpu", weights_name: str | None = None
+) -> ConsistencyModel:
     """A ConsistencyModel from a diffusers ConsistencyModelPipeline folder or its unet/ folder (ADM networks only).
 
     The scheduler's sigma_min, sigma_max and sigma_data become the preconditioning; its time grid (num_train_timesteps,
-    rho) is kept as `model.diffusers_scheduler`, which `save_diffusers` writes back by default.
+    rho) is kept as `model.diffusers_scheduler`: `sampling_plan` takes its rho for the Karras grid, and
+    `save_diffusers` writes both back by default. weights_name: read that file of the unet folder.
     """
     try:
-        found = diffusers_layout.read_folder(path, device="cpu")
+        found = diffusers_layout.read_folder(path, device="cpu", weights_name=weights_name)
     except diffusers_layout.DiffusersLayoutError as err:
         raise CheckpointError(str(err)) from None
     net = _network_with_weights(path, found.config, found.state)

@@ -23,6 +23,7 @@ from .graphs import graph_unavailable_reason, graphed_sampler
 from .io import to_uint8
 from .preconditioning import ConsistencyModel, EDMDenoiser
 from .sampling import (
+    RHO,
     consistency_steps,
     evaluation_sigmas,
     generators_from_seeds,
@@ -139,7 +140,8 @@ def sampling_plan(
             engine=use,
             engine_refused=why,
         )
-    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    # a model read from a diffusers pipeline keeps its scheduler's Karras rho (RHO = 7 otherwise)
+    kw = dict(sigma_min=model.sigma_min, sigma_max=model.sigma_max, rho=_rho(model))
     if sigmas is not None:
         chosen = [float(s) for s in sigmas]
     elif ts is not None:
@@ -164,6 +166,11 @@ def sampling_plan(
     )
 
 
+def _rho(model) -> float:
+    scheduler = getattr(model, "diffusers_scheduler", None)
+    return float(scheduler.rho) if scheduler is not None else RHO
+
+
 def _engine_choice(model, engine: bool | None) -> tuple[bool, str]:
     """(use the engine, why not) for a model and the caller's wish (None: on CUDA where it can lower the network)."""
     if engine is False:
@@ -177,11 +184,13 @@ def _engine_choice(model, engine: bool | None) -> tuple[bool, str]:
 
 
 def prepared(model, plan: SamplingPlan):
-    """The module that runs the plan's network evaluations: the engine built once from `model` (weights cast to the
-    model's autocast dtype, or kept float32) when the plan says so, else the model itself."""
+    """The module that runs the plan's network evaluations: the engine built once from `model` (weights in the
+    model's autocast dtype, else its weights' own dtype) when the plan says so, else the model itself."""
     if not plan.engine:
         return model
-    return engine_lib.prepare(model, dtype=getattr(model, "autocast_dtype", None) or torch.float32)
+    resident = next(model.net.parameters()).dtype  # e.g. cmfast.load(..., dtype=torch.bfloat16)
+    dtype = getattr(model, "autocast_dtype", None) or (resident if resident in engine_lib.ENGINE_DTYPES else None)
+    return engine_lib.prepare(model, dtype=dtype or torch.float32)
 
 
 @dataclass

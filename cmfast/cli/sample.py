@@ -102,7 +102,13 @@ def register(sub) -> None:
     )
     p.add_argument("dest", help="output .safetensors path (cmfast), or a new folder (diffusers); written atomically")
     p.add_argument("--format", choices=["cmfast", "diffusers"], default="cmfast", help="output layout")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage precision")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="storage precision of the weights (diffusers: in the plain diffusion_pytorch_model.safetensors, which "
+        "from_pretrained loads at the stored dtype unless given torch_dtype)",
+    )
     p.add_argument(
         "--grid",
         type=int,
@@ -200,7 +206,7 @@ def check_memory(num: int, shape: tuple[int, int, int], available: int | None) -
 def checkpoint_format(spec: str) -> str:
     """What kind of file `spec` (a shipped name or a path, as load takes it) is, judged by its content."""
     path = ASSETS / f"{spec}.safetensors" if spec in SHIPPED else spec
-    if os.path.isdir(path) or os.path.basename(path) in diffusers_layout.WEIGHTS_NAMES:
+    if os.path.isdir(path) or os.path.basename(path) in diffusers_layout.ALL_WEIGHTS_NAMES:
         return "diffusers ConsistencyModelPipeline (UNet2DModel as ADM)"
     if is_torch_save_file(path):
         return "official PyTorch state dict (.pt)"

@@ -47,8 +47,9 @@ class EngineModel(nn.Module):
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        net = model.net.to(device) if next(model.net.parameters()).device != device else model.net
+        net = model.net  # read, never moved: the lowered networks copy each tensor to `device`
         self.net = ADMEngine(net, dtype, device) if isinstance(net, ADMUNet) else SongEngine(net, dtype, device)
+        self.num_classes = net.config.num_classes
         self.kind = model.kind
         self.sigma_min, self.sigma_max, self.sigma_data = model.sigma_min, model.sigma_max, model.sigma_data
         self.noise_cond = model.noise_cond
@@ -60,6 +61,7 @@ class EngineModel(nn.Module):
         self.anchor = nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
+        self._check(x, sigma, class_labels)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(compute)
         if isinstance(sigma, Tensor):
@@ -73,6 +75,17 @@ class EngineModel(nn.Module):
         # the registered op on every backend (its "torch" implementation too): one op, as it is one kernel on a GPU
         choice = ops.explain("skip_out", x, F_x, sigma, self.boundary, self.sigma_data)
         return torch.ops.cmfast.skip_out(x, F_x, sigma, self.boundary, self.sigma_data, False, choice.backend)
+
+    def _check(self, x: Tensor, sigma, class_labels: Tensor | None) -> None:
+        """The model's own one-line errors for the caller's mistakes (the lowered networks do not check)."""
+        batch = x.shape[0]
+        if isinstance(sigma, Tensor) and sigma.numel() not in (1, batch):
+            raise ValueError(f"sigma has {sigma.numel()} entries but the batch has {batch} images")
+        if (class_labels is None) != (self.num_classes == 0):
+            need = f"(B,) int64 class_labels in [0, {self.num_classes})" if self.num_classes else "none"
+            raise ValueError(f"this network has num_classes={self.num_classes}: class_labels must be {need}")
+        if class_labels is not None and class_labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
 
     def extra_repr(self) -> str:
         return f"{type(self.net).__name__}, dtype={self.dtype}, sigma_min={self.sigma_min}, kind={self.kind!r}"

@@ -41,7 +41,8 @@ PIPELINE_CLASS = "ConsistencyModelPipeline"
 UNET_CLASS = "UNet2DModel"
 SCHEDULER_CLASS = "CMStochasticIterativeScheduler"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
+LEGACY_WEIGHTS_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")  # torch.save files
+ALL_WEIGHTS_NAMES = WEIGHTS_NAMES + LEGACY_WEIGHTS_NAMES
 DIFFUSERS_VERSION = "0.42.1"  # the release the layout was checked against; diffusers only warns on a mismatch
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for keys a config.json leaves out.
@@ -138,7 +139,8 @@ def unet_config(config: ADMConfig) -> dict:
     widths = [m * config.model_channels for m in config.channel_mult]
     attention_ds = {config.image_size // r for r in config.attention_resolutions}
     attention = [2**level in attention_ds for level in range(len(widths))]
-    head_dim = _head_dim(config, [w for w, a in zip(widths, attention) if a] + [widths[-1]])
+    one_head = config.num_head_channels == -1 and config.num_heads == 1  # diffusers' attention_head_dim=None
+    head_dim = None if one_head else _head_dim(config, [w for w, a in zip(widths, attention) if a] + [widths[-1]])
     updown = config.resblock_updown
     down = ["AttnDownBlock2D" if a else ("ResnetDownsampleBlock2D" if updown else "DownBlock2D") for a in attention]
     up = ["AttnUpBlock2D" if a else ("ResnetUpsampleBlock2D" if updown else "UpBlock2D") for a in attention][::-1]
@@ -172,7 +174,7 @@ def _head_dim(config: ADMConfig, attention_widths: list[int]) -> int:
     if len(dims) != 1:
         raise DiffusersLayoutError(
             f"num_heads={config.num_heads} at widths {sorted(set(attention_widths))} gives head widths {sorted(dims)}; "
-            "UNet2DModel has one attention_head_dim"
+            "UNet2DModel takes one head width for all attention blocks (or one head per block)"
         )
     return dims.pop()
 
@@ -423,8 +425,11 @@ class DiffusersModel:
     scheduler_found: bool  # False: the scheduler's defaults were assumed
 
 
-def read_folder(path: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusersModel:
-    """Read a ConsistencyModelPipeline folder, or its unet/ folder (the scheduler is then looked for beside it)."""
+def read_folder(
+    path: str | os.PathLike, device: str | torch.device = "cpu", weights_name: str | None = None
+) -> DiffusersModel:
+    """Read a ConsistencyModelPipeline folder, or its unet/ folder (the scheduler is then looked for beside it).
+    weights_name: read that file of the unet folder (e.g. the fp16 variant) rather than the first one found."""
     root = Path(path)
     if (root / "model_index.json").is_file():
         index = _read_json(root / "model_index.json")
@@ -463,7 +468,7 @@ def read_folder(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
             f"(sigma_min {settings.sigma_min}, sigma_max {settings.sigma_max}, sigma_data {settings.sigma_data})",
             stacklevel=2,
         )
-    weights = _read_weights(unet_dir, device)
+    weights = _read_weights(unet_dir, device, weights_name)
     state = from_diffusers_state(weights, config, where=str(unet_dir))
     return DiffusersModel(config, state, settings, found)
 
@@ -478,29 +483,28 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_weights(unet_dir: Path, device) -> dict[str, Tensor]:
-    for name in WEIGHTS_NAMES:
-        path = unet_dir / name
-        if path.is_file():
+def _read_weights(unet_dir: Path, device, name: str | None = None) -> dict[str, Tensor]:
+    """The unet's tensors: from `name`, else the first of the safetensors names, then the torch.save names."""
+    for candidate in (name,) if name else ALL_WEIGHTS_NAMES:
+        path = unet_dir / candidate
+        if not path.is_file():
+            continue
+        if candidate.endswith(".safetensors"):
             try:
                 with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
                     return {k: fh.get_tensor(k) for k in fh.keys()}
             except (SafetensorError, OSError, RuntimeError) as err:
                 raise DiffusersLayoutError(f"{path}: not a readable safetensors file: {err}") from None
-    legacy = unet_dir / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
         try:
-            state = torch.load(os.fspath(legacy), map_location=device, weights_only=True)
+            state = torch.load(os.fspath(path), map_location=device, weights_only=True)
         except Exception as err:  # torch raises several types for foreign or truncated files
-            raise DiffusersLayoutError(
-                f"{legacy}: not a state dict cmfast can read without unpickling: {err}"
-            ) from None
+            raise DiffusersLayoutError(f"{path}: not a state dict cmfast can read without unpickling: {err}") from None
         if isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()):
             return state
-        raise DiffusersLayoutError(f"{legacy}: expected a state dict of tensors")
+        raise DiffusersLayoutError(f"{path}: expected a state dict of tensors")
     if any(unet_dir.glob("*.index.json")):
         raise DiffusersLayoutError(f"{unet_dir}: sharded weights (*.index.json) are not supported; save unsharded")
-    raise DiffusersLayoutError(f"{unet_dir}: no {WEIGHTS_NAMES[0]} (or {LEGACY_WEIGHTS_NAME})")
+    raise DiffusersLayoutError(f"{unet_dir}: no {name or ' or '.join(ALL_WEIGHTS_NAMES)}")
 
 
 def write_folder(

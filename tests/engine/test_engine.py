@@ -144,8 +144,11 @@ def test_meta_count_bounds_the_cpu_count_and_dtype_adds_one_cast():
 
 def test_counter_counts_what_writes_memory():
     x = torch.randn(4, 4)
-    counter = count_kernels(lambda: (x.view(16), x.t(), x.to(torch.float32), x + 1, x.float().sum()))
-    assert counter.counts == {"aten::add": 1, "aten::sum": 1}
+    y = torch.empty(4, 4)
+    counter = count_kernels(
+        lambda: (x.view(16), x.t(), x.to(torch.float32), x + 1, x.float().sum(), y.add_(1), torch.mul(x, 2, out=y))
+    )
+    assert counter.counts == {"aten::add": 1, "aten::sum": 1, "aten::add_": 1, "aten::mul": 1}
 
 
 def test_cli_sample_with_and_without_the_engine(tmp_path):
@@ -185,3 +188,30 @@ def test_engine_on_cuda_matches_and_captures(name):
         eager = cmfast.sample(engine, noise, [80.0], class_labels=labels)
         graphed = graph_sample(engine, noise, [80.0], class_labels=labels)
         assert (eager - graphed).abs().max() <= 1e-3
+
+
+def test_prepare_leaves_the_model_where_it_is():
+    model = _model("adm-tiny")
+    engine = prepare(model, device="meta", dtype=torch.float32)
+    assert next(engine.parameters()).device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_engine_refuses_what_the_model_refuses():
+    model = _model("adm-tiny")
+    engine = prepare(model, dtype=torch.float32)
+    x, labels = _inputs(model)
+    with pytest.raises(ValueError, match="class_labels must be"):
+        engine(x, 1.0)
+    with pytest.raises(ValueError, match="class_labels must have shape"):
+        engine(x, 1.0, labels[:, None])
+    with pytest.raises(ValueError, match="sigma has 2 entries but the batch has 3"):
+        engine(x, torch.tensor([1.0, 2.0]), labels)
+
+
+def test_generate_keeps_resident_half_weights_in_the_engine():
+    from cmfast.generate import prepared
+
+    model = cmfast.load("adm-tiny", dtype=torch.bfloat16)
+    engine = prepared(model, sampling_plan(model, engine=True))
+    assert engine.dtype == torch.bfloat16

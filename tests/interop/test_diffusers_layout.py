@@ -126,7 +126,7 @@ def test_missing_and_extra_tensors_are_named():
         ({"qkv_layout": "h3d"}, "qkv_layout 'h3d'"),
         ({"channel_mult": (2, 2)}, r"channel_mult\[0\] = 2"),
         ({"resblock_updown": False, "conv_resample": False}, "parameter-free resampling"),
-        ({"num_head_channels": -1, "num_heads": 2}, "one attention_head_dim"),
+        ({"num_head_channels": -1, "num_heads": 2}, "one head width for all attention blocks"),
     ],
 )
 def test_adm_variants_unet2dmodel_cannot_express_are_refused(change, message):

@@ -110,3 +110,63 @@ def test_pipeline_saved_by_diffusers_loads_in_cmfast(tmp_path, config, label):
         theirs = _pipeline_images(pipe, 2, 0, label, **steps)
         ours = _cmfast_images(model, 2, 0, label, ts)
         assert (theirs - ours).abs().max() <= 1 / 127.5 + 1e-4, steps
+
+
+def _saved_pipeline(tmp_path, config, seed=7, **scheduler):
+    from cmfast.interop.diffusers_layout import unet_config
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.04)
+    pipe = diffusers.ConsistencyModelPipeline(
+        unet=unet, scheduler=diffusers.CMStochasticIterativeScheduler(**scheduler)
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    return pipe
+
+
+def test_one_head_per_block_at_several_widths_round_trips(tmp_path):
+    """diffusers' attention_head_dim=None (one head per block) with attention at levels of different widths."""
+    config = ADMConfig(
+        image_size=16,
+        model_channels=32,
+        channel_mult=(1, 2, 3),
+        num_res_blocks=1,
+        attention_resolutions=(8, 4),
+        num_head_channels=-1,
+        num_heads=1,
+    )
+    pipe = _saved_pipeline(tmp_path, config)
+    assert pipe.unet.config.attention_head_dim is None
+    model = cmfast.load(tmp_path / "pipe")
+    assert model.net.config == config
+    theirs = _pipeline_images(pipe, 2, 0, None, num_inference_steps=1)
+    assert (theirs - _cmfast_images(model, 2, 0, None)).abs().max() <= 1 / 127.5 + 1e-4
+    cmfast.save_diffusers(model, tmp_path / "again")  # and back out
+
+
+def test_scheduler_rho_sets_the_karras_grid(tmp_path):
+    pipe = _saved_pipeline(tmp_path, UNCOND_ADDITIVE, rho=3.0)
+    model = cmfast.load(tmp_path / "pipe")
+    steps = {"num_inference_steps": None, "timesteps": [22, 0]}
+    theirs = _pipeline_images(pipe, 2, 1, None, **steps)
+    assert (theirs - _cmfast_images(model, 2, 1, None, ts=[0, 22])).abs().max() <= 1 / 127.5 + 1e-4
+
+
+def test_weights_files_named_directly(tmp_path):
+    """The fp16 variant when both files exist, and the torch.save (.bin) weights of a safe_serialization=False save."""
+    pipe = _saved_pipeline(tmp_path, UNCOND_ADDITIVE)
+    pipe.unet.save_pretrained(tmp_path / "pipe" / "unet", variant="fp16")  # same weights, other file
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.mul_(2)
+    pipe.unet.to(torch.float16).save_pretrained(tmp_path / "pipe" / "unet", variant="fp16")
+    plain = cmfast.load(tmp_path / "pipe")
+    fp16 = cmfast.load(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    w_plain, w_fp16 = (next(m.net.parameters()) for m in (plain, fp16))
+    assert torch.allclose(w_fp16, 2 * w_plain, rtol=1e-3, atol=1e-4)
+    pipe.unet.to(torch.float32).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    from_bin = cmfast.load(tmp_path / "bin" / "diffusion_pytorch_model.bin")
+    assert torch.allclose(next(from_bin.net.parameters()), w_fp16, rtol=1e-3, atol=1e-4)
