@@ -228,7 +228,9 @@ def test_export_half_precision_round_trip(tmp_path, trained_like, capsys):
         torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("command", ["sample", "info", "export", "demo", "train-edm", "distill", "train-ct", "edit"])
+@pytest.mark.parametrize(
+    "command", ["sample", "info", "export", "demo", "train-edm", "distill", "train-ct", "edit", "prepare-data"]
+)
 def test_help_explains_every_command(command):
     proc = subprocess.run([sys.executable, "-m", "cmfast", command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: cmfast" in proc.stdout and len(proc.stdout) > 300

@@ -126,7 +126,11 @@ def register(sub) -> None:
             help="run GroupNorm+SiLU and attention through cmfast.ops (C++/CUDA extension or Triton kernels)",
         )
         if kind == "cd":
-            p.add_argument("--teacher", help="EDM teacher checkpoint (.safetensors from train-edm)")
+            p.add_argument(
+                "--teacher",
+                help="EDM teacher: a checkpoint from train-edm (.safetensors), an official edm_*.pt file, or a shipped "
+                "teacher's name (digits-edm)",
+            )
             p.add_argument("--num-scales", type=int, help="N, points of the Karras grid")
             p.add_argument("--solver", choices=["heun", "euler"], help="teacher ODE solver")
             p.add_argument("--target-ema", type=float, help="mu, EMA rate of the target network")

@@ -35,6 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoint import ASSETS, SHIPPED
 from ..checkpoint import load as load_model_file
 from ..checkpoint import save as save_model
 from ..data import DataError, ImageDataset
@@ -86,8 +87,10 @@ def check_batch_fits(batch: int, channels: int, resolution: int, available: int)
 
 def pinned_teacher(cfg: TrainConfig) -> TrainConfig:
     """cfg with the teacher's absolute path and content hash; a teacher whose hash differs from the recorded one (a
-    different file, or a moved one replaced by another) is refused."""
-    path = Path(cfg.teacher).expanduser().resolve()
+    different file, or a moved one replaced by another) is refused. A shipped model's name (e.g. digits-edm) names
+    its file in the package, unless a file of that name exists here."""
+    named = Path(cfg.teacher).expanduser()
+    path = (ASSETS / f"{cfg.teacher}.safetensors" if cfg.teacher in SHIPPED and not named.exists() else named).resolve()
     if not path.is_file():
         hint = "; if it moved, pass --teacher with its new path (checked by SHA-256)" if cfg.teacher_sha256 else ""
         raise ValueError(f"teacher {cfg.teacher}: no such file{hint}")

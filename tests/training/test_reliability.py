@@ -249,6 +249,20 @@ def test_teacher_is_stored_absolute_with_its_hash_and_may_move(tmp_path, teacher
         resume("--teacher", str(tmp_path / "other.safetensors"))
 
 
+def test_teacher_by_shipped_name(tmp_path, monkeypatch):
+    from cmfast.checkpoint import ASSETS
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "cd"
+    Trainer(preset_config("digits-cd", teacher="digits-edm", total_steps=1, **FAST), run, progress=False)
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["teacher"] == str((ASSETS / "digits-edm.safetensors").resolve())
+    with pytest.raises(ValueError, match="must be an EDM denoiser"):
+        Trainer(
+            preset_config("digits-cd", teacher="digits-cd", total_steps=1, **FAST), tmp_path / "cd2", progress=False
+        )
+
+
 def test_students_default_to_dropout_zero(tmp_path, teacher):
     assert cmfast.load(teacher).net.config.dropout == 0.13
     cfg = preset_config("digits-cd", teacher=str(teacher), total_steps=1, **FAST)
