@@ -179,8 +179,9 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sample", "--model", "missing.safetensors"], "neither a shipped model"),
-        (["sample", "--model", "."], "is a directory"),
+        (["sample", "--model", "missing.safetensors"], "missing.safetensors: no such file or folder"),
+        (["sample", "--model", "digits-cdd"], "neither a shipped model"),
+        (["sample", "--model", "."], "is a folder, but not a diffusers pipeline"),
         (["sample", "--model", "ddpmpp-tiny", "--class-label", "3"], "unconditional"),
         (["sample", "--model", "adm-tiny", "--class-label", "10"], "out of range"),
         (["sample", "--model", "ddpmpp-tiny", "--sigmas", "1,5"], "decreasing"),

@@ -100,7 +100,9 @@ def test_input_errors_are_one_line(tmp_path, tiny_models, capsys, monkeypatch):
     cm, edm = tiny_models
     assert "--ts" in error_of(capsys, ["eval", "--model", str(edm), "--ts", "0,3", "--grid", "6"])
     assert "--num must be at least 2" in error_of(capsys, ["eval", "--model", str(cm), "--num", "1"])
-    assert "nor an existing file" in error_of(capsys, ["eval", "--model", str(tmp_path / "nope.safetensors")])
+    assert "nope.safetensors: no such file or folder" in error_of(
+        capsys, ["eval", "--model", str(tmp_path / "nope.safetensors")]
+    )
     err = error_of(capsys, ["eval", "--model", str(cm), "--features", "inception", "--inception-weights", "x.pth"])
     assert "Inception weights x.pth: no such file" in err
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
