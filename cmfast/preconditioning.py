@@ -87,6 +87,21 @@ class _Preconditioned(nn.Module):
 
     def forward(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) noisy images; sigma: a float or a (B,) tensor of noise levels. Returns (B, C, H, W)."""
+        x, sigma = self._inputs(x, sigma)
+        return self.combine(x, self._network_output(x, sigma, class_labels), sigma)
+
+    def network_output(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The backbone's raw output F(c_in(sigma) x, c_noise(sigma)), before skip/out, in the backbone's dtype (the
+        autocast dtype when set): what the fused ops (cmfast.ops.heun_step, skip_out) take. Arguments as `forward`."""
+        return self._network_output(*self._inputs(x, sigma), class_labels)
+
+    def combine(self, x: Tensor, F_x: Tensor, sigma: Tensor) -> Tensor:
+        """c_skip(sigma) x + c_out(sigma) F_x in x's dtype (float32/float64); x: (B, C, H, W), sigma: (B,)."""
+        skip, out = self.coefficients(sigma.reshape(-1, 1, 1, 1))
+        return skip * x + out * F_x.to(x.dtype)
+
+    def _inputs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """x in float32 (float64 when float64) and sigma as a (B,) tensor of that dtype on x's device."""
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(compute_dtype)
         if isinstance(sigma, Tensor):
@@ -97,10 +112,11 @@ class _Preconditioned(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries but the batch has {x.shape[0]} images")
-        s = sigma.reshape(-1, 1, 1, 1)
-        skip, out = self.coefficients(s)
+        return x, sigma
+
+    def _network_output(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
         net_dtype = next(self.net.parameters()).dtype
-        x_in = (c_in(s, self.sigma_data) * x).to(net_dtype)
+        x_in = (c_in(sigma.reshape(-1, 1, 1, 1), self.sigma_data) * x).to(net_dtype)
         # autocast's cache of cast weights must stay off while a CUDA graph is being captured (cmfast.graphs)
         capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         autocast = (
@@ -110,8 +126,7 @@ class _Preconditioned(nn.Module):
         )
         with autocast:
             # noise labels stay in float32/64: ADM's 250 ln(sigma) spans +-1500, too coarse in bf16
-            F_x = self.net(x_in, c_noise(sigma, self.noise_cond), class_labels=class_labels)
-        return skip * x + out * F_x.to(compute_dtype)
+            return self.net(x_in, c_noise(sigma, self.noise_cond), class_labels=class_labels)
 
     def extra_repr(self) -> str:
         return (
@@ -133,9 +148,17 @@ class ConsistencyModel(_Preconditioned):
     """Consistency function f(x, sigma, class_labels=None) -> x0 with f(x, sigma_min) == x exactly (Eq. 5-6)."""
 
     kind = "cm"
+    # None: combine in this file's float32 arithmetic; or a function with cmfast.ops.skip_out's arguments (x, F,
+    # sigma, sigma_min, sigma_data), differentiable in x and F, that combines instead (the trainer's --fused)
+    skip_out_op = None
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         return cm_c_skip(sigma, self.sigma_min, self.sigma_data), cm_c_out(sigma, self.sigma_min, self.sigma_data)
+
+    def combine(self, x: Tensor, F_x: Tensor, sigma: Tensor) -> Tensor:
+        if self.skip_out_op is None:
+            return super().combine(x, F_x, sigma)
+        return self.skip_out_op(x, F_x, sigma, self.sigma_min, self.sigma_data)
 
 
 MODEL_KINDS: dict[str, type[_Preconditioned]] = {"cm": ConsistencyModel, "edm": EDMDenoiser}

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..sampling import RHO, SIGMA_MAX, SIGMA_MIN, Generators, euler_step, heun_step, karras_sigmas, randint, randn
 from .distances import Distance, get_distance
 from .schedules import ct_num_scales, ct_target_ema, ict_num_scales, lognormal_index_probs
@@ -154,6 +155,8 @@ class CDLoss(_ConsistencyLoss):
     same train/eval mode as the online network so that dropout is shared), or None for stopgrad of the online network
     (mu = 0). num_scales: N, points of the Karras grid. solver: "heun" (the paper's) or "euler". distance: a name for
     `get_distance` or a callable d(x, y) -> (B,). weighting: "uniform" (lambda = 1, the paper's) or "ict".
+    fused: the teacher's step through cmfast.ops.heun_step (`fused_teacher_step`; the teacher must be an EDMDenoiser);
+    the online and target models' skip/out is fused by their own `skip_out_op`.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class CDLoss(_ConsistencyLoss):
         sigma_min: float = SIGMA_MIN,
         sigma_max: float = SIGMA_MAX,
         rho: float = RHO,
+        fused: bool = False,
     ):
         if solver not in ("heun", "euler"):
             raise ValueError(f"unknown solver {solver!r}; expected 'heun' or 'euler'")
@@ -177,9 +181,12 @@ class CDLoss(_ConsistencyLoss):
             raise ValueError(f"mu={mu} needs a target network; target=None means mu = 0 (stopgrad of the online net)")
         if mu is not None and not 0 <= mu < 1:
             raise ValueError(f"mu must lie in [0, 1), got {mu}")
+        if fused and not hasattr(teacher, "network_output"):
+            raise ValueError("fused=True needs an EDMDenoiser teacher: cmfast.ops.heun_step takes its raw output F")
         super().__init__(target, distance, weighting, sigma_min, sigma_max, rho)
         self.teacher, self.solver, self._num_scales = teacher, solver, int(num_scales)
         self.mu = 0.0 if target is None else float(0.95 if mu is None else mu)
+        self.fused = bool(fused)
 
     def num_scales(self, step: int = 0) -> int:
         return self._num_scales
@@ -190,6 +197,8 @@ class CDLoss(_ConsistencyLoss):
 
     def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, labels: Tensor | None) -> Tensor:
         """One Heun or Euler step of the teacher's PF ODE from per-sample sigma to sigma_next, both (B,)."""
+        if self.fused:
+            return fused_teacher_step(self.teacher, x, sigma, sigma_next, labels, self.solver)
 
         def denoiser(x, s, class_labels=None):
             return self.teacher(x, s.reshape(-1), class_labels)
@@ -221,6 +230,26 @@ class CDLoss(_ConsistencyLoss):
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, sigma_hi.to(dtype), sigma_lo.to(dtype), labels)  # x_hat_(t_n)
         return self.consistency(net, x_hi, sigma_hi, x_lo, sigma_lo, labels)
+
+
+def fused_teacher_step(
+    teacher, x: Tensor, sigma: Tensor, sigma_next: Tensor, labels: Tensor | None = None, solver: str = "heun"
+) -> Tensor:
+    """`heun_step` (or `euler_step`) of an EDMDenoiser teacher through cmfast.ops.heun_step: the teacher's network
+    gives its raw outputs F (under the teacher's autocast), and the op does EDM's skip/out, the Euler predictor and the
+    corrector, without clamping (as the plain step). x: (B, C, H, W) float32/64; sigma, sigma_next: (B,) with
+    0 <= sigma_next < sigma. A sample whose sigma_next is 0 takes the Euler step, x + (0 - sigma) d = D(x, sigma), as
+    EDM's sampler ends (heun_sample); the Heun corrector would divide by sigma_next. Returns x's dtype; no gradients."""
+    with torch.no_grad():
+        F = teacher.network_output(x, sigma, labels).to(x.dtype)  # one dtype, as the fused kernels take
+        x_e = ops.heun_step(x, F, sigma, sigma_next, sigma_data=teacher.sigma_data)  # Euler: the predictor
+        if solver == "euler":
+            return x_e
+        last = sigma_next == 0
+        s = torch.where(last, sigma, sigma_next)  # any positive level for those samples: their Heun result is unused
+        F_next = teacher.network_output(x_e, s, labels).to(x.dtype)
+        x_hat = ops.heun_step(x, F, sigma, s, F_next=F_next, sigma_data=teacher.sigma_data)
+        return torch.where(_per_sample(last), x_e, x_hat)
 
 
 class CTLoss(_ConsistencyLoss):

@@ -35,6 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .. import ops
 from ..checkpoint import ASSETS, SHIPPED
 from ..checkpoint import load as load_model_file
 from ..checkpoint import save as save_model
@@ -220,6 +221,9 @@ class Trainer:
             if model is not None:
                 model.autocast_dtype = AUTOCAST[cfg.mixed_precision]
                 set_fused_ops(model.net, self.fused)  # cmfast.ops' kernels; the weights are the same either way
+        for model in (self.online, self.target):  # the models autograd and the loss run: skip/out fused as well
+            if isinstance(model, ConsistencyModel):
+                model.skip_out_op = ops.skip_out if self.fused else None
         if self.sharded:  # the teacher stays whole on every process (see cmfast.training.sharding)
             for model in (self.online, self.target, *self.emas.values()):
                 if model is not None:
@@ -251,6 +255,7 @@ class Trainer:
                 solver=cfg.solver,
                 distance=distance,
                 mu=cfg.target_ema,
+                fused=self.fused,
                 **grid,
             )
         return CTLoss(
