@@ -2,13 +2,16 @@
 
 The step of Algorithm 2 as `cmfast distill` runs it: the teacher's Heun step (two evaluations, no gradients), the
 target's evaluation, the online forward and backward, RAdam, the EMA updates of the target and one EMA. Variants:
-  eager-amp     bf16 autocast, eager PyTorch
-  compile       the same with the three backbones (teacher, target, online) under torch.compile
-  cmfast        bf16 with cmfast's fused ops (set_fused_ops) and the whole step captured as one CUDA graph
-                (cmfast.training.graph_step), as `cmfast distill --graph` runs it
+  eager-amp           bf16 autocast (fp32 on a CPU), eager PyTorch
+  compile             the same with the three backbones (teacher, target, online) under torch.compile
+  cmfast-fused-eager  cmfast's fused ops as `cmfast distill --fused` runs them: set_fused_ops, the teacher's Heun
+                      step through cmfast.ops.heun_step, skip/out through cmfast.ops.skip_out; no graph
+  cmfast              the same with the whole step captured as one CUDA graph (cmfast.training.graph_step), as
+                      `cmfast distill --fused --graph` runs it (CUDA only)
 Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 (GPU); the digits network at batch 32 on a CPU; dropout 0,
 as the paper's CD students.
 Distances: l2 and LPIPS (VGG, random backbone: its speed does not depend on the weights).
+Each row is the median of 5 timings (each a median over repeated steps), with their minimum and maximum.
 Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput: the step's FLOPs are counted by
 torch.utils.flop_counter on one eager step.
 """
@@ -24,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 import cmfast
+from cmfast import ops
 from cmfast.generate import image_shape
 from cmfast.networks import NETWORK_PRESETS, set_fused_ops
 from cmfast.training.distances import get_distance
@@ -31,11 +35,13 @@ from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
 from cmfast.training.trainer import Trainer
 
-from .common import add_rates, failure, peak_tflops, select_models, time_ms
+from .common import add_rates, failure, peak_tflops, repeated_ms, select_models
 
 GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
 CPU_CASES = [("ddpmpp-digits8", 32, 0)]
-SUMMARY_COLUMNS = ["model", "batch", "distance", "variant", "ms", "images_s", "peak_mem_gib", "pct_peak", "x_eager"]
+SUMMARY_COLUMNS = [
+    "model", "batch", "distance", "variant", "ms", "ms_min", "ms_max", "images_s", "peak_mem_gib", "pct_peak", "x_eager"
+]  # fmt: skip
 
 
 class _Step(SimpleNamespace):
@@ -58,8 +64,10 @@ def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled
             set_fused_ops(m.net)
         if compiled:
             m.net = torch.compile(m.net, mode=mode, dynamic=False)
+    for m in (online, target):
+        m.skip_out_op = ops.skip_out if fused else None
     dist = get_distance("lpips", pretrained_backbone=False) if distance == "lpips" else "l2"
-    loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95)
+    loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95, fused=fused)
     optimizer = torch.optim.RAdam(online.parameters(), lr=1e-5, capturable=graph)
     cfg = SimpleNamespace(kind="cd", mixed_precision="bf16")
     t = _Step(
@@ -74,6 +82,7 @@ def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled
         emas={0.999: ema},
         optimizer=optimizer,
         step=0,
+        sharded=False,
     )
     shape = (batch, *image_shape(online))
     g = torch.Generator(device).manual_seed(1)
@@ -126,8 +135,10 @@ def run(
             # torch.compile (minutes of compiling three backbones and a backward) last, so a cut-off run keeps the rest
             variants = {
                 "eager-amp": dict(fused=False, compiled=False, graph=False),
-                "cmfast": dict(fused=True, compiled=False, graph=device == "cuda"),
+                "cmfast-fused-eager": dict(fused=True, compiled=False, graph=False),
             }
+            if device == "cuda":
+                variants["cmfast"] = dict(fused=True, compiled=False, graph=True)
             if compile:
                 variants["compile"] = dict(fused=False, compiled=True, graph=False)
             variants = select_models(variants, wanted_variants, "--variants")
@@ -150,17 +161,20 @@ def run(
                     step = _make_step(preset, batch, n_classes, distance, device, mode=compile_mode, **how)
                     if flops is None:
                         flops = _step_flops(step)
-                    ms = time_ms(step, device, rep_ms=300)
+                    timing = repeated_ms(step, device, repeats=5, rep_ms=300)
                 except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
                     rows.append({**row, "skipped": failure(e)})
                     log(f"{preset} {distance} {name}: {rows[-1]['skipped']}")
                     continue
+                ms = timing["ms"]
+                row.update(ms_min=timing["ms_min"], ms_max=timing["ms_max"], repeats=timing["repeats"])
                 add_rates(row, ms, batch, flops, peak)
                 if device == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 rows.append(row)
                 log(
-                    f"{preset:16s} b={batch:<4d} {distance:6s} {name:10s} {ms:9.2f} ms  {row['images_s']:8.1f} img/s  "
+                    f"{preset:16s} b={batch:<4d} {distance:6s} {name:18s} {ms:9.2f} ms "
+                    f"[{row['ms_min']:.2f}, {row['ms_max']:.2f}]  {row['images_s']:8.1f} img/s  "
                     f"{row.get('peak_mem_gib', 0):6.1f} GiB  {row['pct_peak']:5.1f}% of peak"
                 )
                 del step
