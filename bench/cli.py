@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         type=lambda s: [m for m in s.split(",") if m],
         help="whole-model suites: comma-separated variants (sampling: eager-bf16-cl, eager-bf16-nchw, engine, "
-        "engine-graph, cmfast-fused, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast, compile; "
+        "engine-graph, cmfast-fused, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast-fused-eager, cmfast "
+        "(captured, CUDA only), compile; "
         "diffusers: diffusers, diffusers+cmfast, cmfast, diffusers+compile)",
     )
     parser.add_argument(

@@ -177,7 +177,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         qkv = self.qkv(_norm_act(self.norm, x, self.fused, silu=False)).reshape(batch, 3 * channels, height * width)
-        if self.fused and self.qkv_layout == "3hd":
+        # the fused kernel where one can run (CUDA, or Triton's interpreter); its PyTorch fallback would keep the whole
+        # T x T softmax for backward, where SDPA keeps far less, so without a kernel SDPA runs instead
+        if self.fused and self.qkv_layout == "3hd" and ops.explain("attention", qkv, self.num_heads).backend != "torch":
             h = ops.attention(qkv, self.num_heads)
         else:
             h = qkv_attention(qkv, self.num_heads, self.qkv_layout)
