@@ -20,7 +20,7 @@ import torch
 
 import cmfast
 from cmfast.graphs import graphed_sampler
-from cmfast.interop.diffusers_layout import to_diffusers_state, unet_config
+from cmfast.interop.diffusers_layout import to_diffusers_state, unet_kwargs
 from cmfast.networks import NETWORK_PRESETS, set_fused_ops
 
 from .common import add_rates, failure, peak_tflops, repeated_ms, select_models
@@ -42,7 +42,7 @@ def _pipeline(model: cmfast.ConsistencyModel, dtype: torch.dtype):
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
 
     config = model.net.config
-    unet = UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
+    unet = UNet2DModel(**unet_kwargs(config))
     unet.load_state_dict(to_diffusers_state(model.net.state_dict(), config))
     scheduler = CMStochasticIterativeScheduler(
         num_train_timesteps=40, sigma_min=model.sigma_min, sigma_max=model.sigma_max, sigma_data=model.sigma_data

@@ -34,7 +34,7 @@ import cmfast
 from cmfast.engine import prepare as prepare_engine
 from cmfast.generate import image_shape
 from cmfast.graphs import graphed_sampler
-from cmfast.interop.diffusers_layout import unet_config
+from cmfast.interop.diffusers_layout import unet_kwargs
 from cmfast.networks import ADMConfig, set_fused_ops
 from cmfast.networks import song_unet as _song_unet
 
@@ -76,7 +76,7 @@ def _diffusers_pipeline(preset: str, device: str):
 
     config = cmfast.NETWORK_PRESETS[preset]
     if isinstance(config, ADMConfig):
-        unet = UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
+        unet = UNet2DModel(**unet_kwargs(config))
     else:
         widths = tuple(m * config.model_channels for m in config.channel_mult)
         attention = [config.img_resolution >> level in config.attn_resolutions for level in range(len(widths))]

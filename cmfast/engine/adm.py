@@ -12,6 +12,7 @@ Built from an `ADMUNet` (the weights are copied once). What changes against the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..networks.adm import ADMUNet, AttentionBlock, Downsample, ResBlock, Upsample
-from .common import Norm, Pending, conv, linear_nhwc, norm_act, norm_of, resample, rows_to_nhwc, self_attention, weight
+from .common import Norm, Pending, conv, norm_act, norm_of, resample, rows_to_nhwc, self_attention, weight
 
 
 @dataclass
@@ -59,10 +60,9 @@ class ADMEngine(nn.Module):
         self.config = net.config
         self.dtype = dtype
         w = lambda t, s=1.0: weight(t, dtype, device, s)  # noqa: E731
-        self.register_buffer(
-            "freqs", torch.exp(-torch.arange(net.config.model_channels // 2, device=device) * (9.210340371976184 / (
-                net.config.model_channels // 2))).float()  # exp(-ln(10000) i / half), as timestep_embedding
-        )  # fmt: skip
+        half = net.config.model_channels // 2  # timestep_embedding's frequencies, computed once
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half)
+        self.register_buffer("freqs", freqs)
         self.time = [(w(m.weight), w(m.bias)) for m in (net.time_embed[0], net.time_embed[2])]
         self.label = w(net.label_emb.weight) if net.config.num_classes else None
         emb_w, emb_b = [], []
@@ -195,4 +195,4 @@ def _value(h) -> Tensor:
     return h.materialize() if isinstance(h, Pending) else h
 
 
-__all__ = ["ADMEngine", "linear_nhwc"]
+__all__ = ["ADMEngine"]

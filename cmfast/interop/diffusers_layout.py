@@ -166,6 +166,11 @@ def unet_config(config: ADMConfig) -> dict:
     }
 
 
+def unet_kwargs(config: ADMConfig) -> dict:
+    """UNet2DModel's constructor arguments for an ADM network: `unet_config` without config.json's bookkeeping keys."""
+    return {k: v for k, v in unet_config(config).items() if not k.startswith("_")}
+
+
 def _head_dim(config: ADMConfig, attention_widths: list[int]) -> int:
     """The one head width of every attention block (UNet2DModel has a single attention_head_dim)."""
     if config.num_head_channels != -1:

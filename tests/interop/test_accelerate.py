@@ -6,7 +6,7 @@ import torch
 
 import cmfast
 from cmfast import ops
-from cmfast.interop.diffusers_layout import unet_config
+from cmfast.interop.diffusers_layout import unet_kwargs
 from cmfast.networks import ADMConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -24,7 +24,7 @@ CONFIG = ADMConfig(
 
 def _pipeline(dtype=torch.float32, config=CONFIG):
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
+    unet = diffusers.UNet2DModel(**unet_kwargs(config))
     with torch.no_grad():
         for p in unet.parameters():
             p.normal_(0, 0.04)

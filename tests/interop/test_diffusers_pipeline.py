@@ -9,6 +9,7 @@ import torch
 import cmfast
 from cmfast.cli import main
 from cmfast.generate import generate, sampling_plan
+from cmfast.interop.diffusers_layout import unet_kwargs
 from cmfast.networks import ADMConfig, build_network
 
 diffusers = pytest.importorskip("diffusers")
@@ -89,34 +90,9 @@ def test_cli_export_then_pipeline_matches_cmfast_sample(tmp_path):
     assert np.abs(theirs.astype(int) - a.astype(int)).max() <= 1  # both round to uint8 on their own
 
 
-@pytest.mark.parametrize("config, label", [(CLASS_COND, 3), (UNCOND_ADDITIVE, None)])
-def test_pipeline_saved_by_diffusers_loads_in_cmfast(tmp_path, config, label):
-    """diffusers builds and saves the pipeline (its own init, its own writer); cmfast reads it back."""
-    from cmfast.interop.diffusers_layout import unet_config
-
-    torch.manual_seed(7)
-    unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.04)
-    scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
-    pipe = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-    pipe.save_pretrained(tmp_path / "pipe")
-    model = cmfast.load(tmp_path / "pipe")
-    for steps, ts in (
-        ({"num_inference_steps": 1}, None),
-        ({"num_inference_steps": None, "timesteps": [30, 0]}, [0, 30]),
-    ):
-        theirs = _pipeline_images(pipe, 2, 0, label, **steps)
-        ours = _cmfast_images(model, 2, 0, label, ts)
-        assert (theirs - ours).abs().max() <= 1 / 127.5 + 1e-4, steps
-
-
 def _saved_pipeline(tmp_path, config, seed=7, **scheduler):
-    from cmfast.interop.diffusers_layout import unet_config
-
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config(config).items() if not k.startswith("_")})
+    unet = diffusers.UNet2DModel(**unet_kwargs(config))
     with torch.no_grad():
         for p in unet.parameters():
             p.normal_(0, 0.04)
@@ -125,6 +101,20 @@ def _saved_pipeline(tmp_path, config, seed=7, **scheduler):
     )
     pipe.save_pretrained(tmp_path / "pipe")
     return pipe
+
+
+@pytest.mark.parametrize("config, label", [(CLASS_COND, 3), (UNCOND_ADDITIVE, None)])
+def test_pipeline_saved_by_diffusers_loads_in_cmfast(tmp_path, config, label):
+    """diffusers builds and saves the pipeline (its own init, its own writer); cmfast reads it back."""
+    pipe = _saved_pipeline(tmp_path, config, num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
+    model = cmfast.load(tmp_path / "pipe")
+    for steps, ts in (
+        ({"num_inference_steps": 1}, None),
+        ({"num_inference_steps": None, "timesteps": [30, 0]}, [0, 30]),
+    ):
+        theirs = _pipeline_images(pipe, 2, 0, label, **steps)
+        ours = _cmfast_images(model, 2, 0, label, ts)
+        assert (theirs - ours).abs().max() <= 1 / 127.5 + 1e-4, steps
 
 
 def test_one_head_per_block_at_several_widths_round_trips(tmp_path):
