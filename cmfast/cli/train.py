@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from ..pipeline import run_pipeline
+from ..pipeline import CD_STEPS, TEACHER_STEPS, run_pipeline
 from ..streaming import open_dataset, write_shards
 from ..training.config import TRAIN_PRESETS, TrainConfig, preset_config
 from ..training.trainer import Trainer
@@ -198,8 +198,8 @@ def register(sub) -> None:
         "network evaluations and time. The run directories (teacher/, cd/) hold configs, logs and checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--teacher-steps", type=int, default=3000, help="optimizer steps for the EDM teacher")
-    p.add_argument("--cd-steps", type=int, default=1500, help="optimizer steps for consistency distillation")
+    p.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="optimizer steps for the EDM teacher")
+    p.add_argument("--cd-steps", type=int, default=CD_STEPS, help="optimizer steps for consistency distillation")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples")
     p.add_argument("--out", default="demo", help="output directory (must not hold an earlier run)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
