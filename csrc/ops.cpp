@@ -26,9 +26,25 @@ TORCH_LIBRARY(cmfast_ext, m) {
   m.def(
       "group_norm_silu_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, "
       "Tensor mean, Tensor rstd, int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
+  // Its forward mode from the forward's mean and rstd: the tangent of y along tx and the (B, C) float32 tangents ta, tt
+  // of the per-channel a and t (cmfast.kernels.group_norm_silu.affine_tangents; None: no parameter tangent).
+  m.def(
+      "group_norm_silu_jvp(Tensor x, Tensor tx, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, "
+      "Tensor mean, Tensor rstd, Tensor? ta, Tensor? tt, int num_groups, bool silu) -> Tensor");
   // c_skip(sigma) x + c_out(sigma) F per sample, with the consistency model's coefficients (Appendix C) computed in
   // float32 from sigma (B,), optionally clamped to [-1, 1].
   m.def("skip_out(Tensor x, Tensor F, Tensor sigma, float sigma_min, float sigma_data, bool clamp) -> Tensor");
+  // Its forward mode: c_skip tx + c_out tF + tsigma (c_skip'(sigma) x + c_out'(sigma) F), zero where the clamp holds
+  // the output at +-1; a missing tangent is zero.
+  m.def(
+      "skip_out_jvp(Tensor x, Tensor F, Tensor sigma, Tensor? tx, Tensor? tF, Tensor? tsigma, float sigma_min, "
+      "float sigma_data, bool clamp) -> Tensor");
+  // TrigFlow's consistency function cos(t) x - sin(t) sigma_data F per sample, t (B,) the TrigFlow time.
+  m.def("trig_skip_out(Tensor x, Tensor F, Tensor t, float sigma_data) -> Tensor");
+  // Its primal (when `primal`, else an empty tensor) and tangent along tx, tF, tt in one pass over x and F.
+  m.def(
+      "trig_skip_out_jvp(Tensor x, Tensor F, Tensor t, Tensor? tx, Tensor? tF, Tensor? tt, float sigma_data, "
+      "bool primal) -> (Tensor, Tensor)");
   // The teacher's Heun step (cmfast.kernels.heun_step): the Euler point without F_next, the Heun estimate with it.
   m.def(
       "heun_step(Tensor x, Tensor F, Tensor sigma, Tensor sigma_next, Tensor? F_next, float sigma_data, "

@@ -21,8 +21,18 @@ dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)), the group means being 
 sum_c a sum_a / n, and from the sums the parameter gradients (summed over the batch for weight and bias):
 dweight = sum_a (1 + scale), dbias = sum_b (1 + scale), dscale = sum_a weight + sum_b bias, dshift = sum_b.
 
-The registered op cmfast::group_norm_silu (and cmfast::group_norm_silu_backward) runs the C++/CUDA extension, these
-kernels or PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile.
+Forward mode (JVP) along tangents tx, tweight, tbias, tscale, tshift, from the forward's mean and rstd:
+    tmean = mean_g(tx),  trstd = -rstd^2 mean_g(xhat tx)  (sum_g (x - mean) = 0),
+    txhat = rstd (tx - mean_g(tx) - xhat mean_g(xhat tx)),
+    ta = tweight (1 + scale) + weight tscale,  tt = tbias (1 + scale) + bias tscale + tshift,
+    ty = act'(z) (txhat a + xhat ta + tt),  z = xhat a + t,  silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))).
+ta and tt are (B, C) and made in PyTorch; the kernels take the two group means of tx and xhat tx in the same program
+as ty when the group fits in one tile (x and tx read once, ty written once), else from a partial-sums kernel first.
+
+The registered op cmfast::group_norm_silu (and cmfast::group_norm_silu_backward, cmfast::group_norm_silu_jvp) runs the
+C++/CUDA extension, these kernels or PyTorch, whichever backend cmfast.ops chose, with fake implementations for
+torch.compile. GroupNormSiLU is the autograd.Function over it that carries the backward and the forward-mode rule
+(torch.library.custom_op takes no forward-mode rule), for torch.func.jvp and torch.autograd.forward_ad.
 """
 
 from __future__ import annotations
@@ -339,6 +349,93 @@ def _gn_bwd_dx_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@jit
+def _gn_jvp_sums_kernel(
+    X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
+    TX,  # tangent of x, same layout
+    Mean,  # (B, G) float32 statistics from the forward
+    Rstd,
+    PartT,  # (B G, n_chunks) float32 partial sums of tx
+    PartXT,  # (B G, n_chunks) float32 partial sums of xhat tx
+    HW,
+    G,
+    cpg,
+    stride_b,
+    stride_c,
+    stride_p,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid, chunk = tl.program_id(0), tl.program_id(1)
+    _, _, _, offs, mask = _tile(pid, chunk, G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    tx = tl.load(TX + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - tl.load(Mean + pid)) * tl.load(Rstd + pid), 0.0)
+    tl.store(PartT + pid * tl.num_programs(1) + chunk, tl.sum(tx))
+    tl.store(PartXT + pid * tl.num_programs(1) + chunk, tl.sum(xhat * tx))
+
+
+@jit
+def _gn_jvp_kernel(
+    X,  # (B, C, HW) forward input, as in _gn_fwd_kernel
+    TX,  # tangent of x, same layout
+    TY,  # tangent of y, same layout, written once
+    W,
+    Bias,
+    Scale,
+    Shift,
+    TA,  # (B, C) float32 tangent of a = weight (1 + scale); read only when HAS_TAFFINE
+    TT,  # (B, C) float32 tangent of t = bias (1 + scale) + shift; read only when HAS_TAFFINE
+    Mean,  # (B, G) float32 statistics from the forward
+    Rstd,
+    SumT,  # (B, G) float32 sums of tx over the group: written when COMPUTE_SUMS, else read
+    SumXT,  # (B, G) float32 sums of xhat tx, likewise
+    HW,
+    G,
+    cpg,
+    stride_b,
+    stride_c,
+    stride_p,
+    ss_b,
+    ss_c,
+    st_b,
+    st_c,
+    COMPUTE_SUMS: tl.constexpr,  # the program holds the whole group (fused path)
+    HAS_SCALE_SHIFT: tl.constexpr,
+    HAS_TAFFINE: tl.constexpr,  # weight, bias, scale or shift carry a tangent
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b, c, cmask, offs, mask = _tile(pid, tl.program_id(1), G, cpg, HW, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
+    a, t = _channel_affine(W, Bias, Scale, Shift, b, c, cmask, ss_b, ss_c, st_b, st_c, HAS_SCALE_SHIFT)
+    rstd = tl.load(Rstd + pid)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    tx = tl.load(TX + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - tl.load(Mean + pid)) * rstd, 0.0)
+    if COMPUTE_SUMS:
+        sum_t = tl.sum(tx)
+        sum_xt = tl.sum(xhat * tx)
+        tl.store(SumT + pid, sum_t)
+        tl.store(SumXT + pid, sum_xt)
+    else:
+        sum_t = tl.load(SumT + pid)
+        sum_xt = tl.load(SumXT + pid)
+    n = cpg * HW
+    txhat = rstd * (tx - sum_t / n - xhat * (sum_xt / n))
+    tz = txhat * a[:, None]
+    if HAS_TAFFINE:
+        ta = tl.load(TA + b * G * cpg + c, mask=cmask, other=0.0)
+        tt = tl.load(TT + b * G * cpg + c, mask=cmask, other=0.0)
+        tz = tz + xhat * ta[:, None] + tt[:, None]
+    if SILU:
+        z = xhat * a[:, None] + t[:, None]
+        sig = tl.sigmoid(z)
+        tz = tz * sig * (1.0 + z * (1.0 - sig))
+    tl.store(TY + offs, tz.to(TY.dtype.element_ty), mask=mask)
+
+
 # --- 3. launchers ----------------------------------------------------------------------------------------------------
 
 
@@ -513,6 +610,85 @@ def group_norm_silu_backward(
     return (dx, *param_grads(sum_a, sum_b, weight, bias, scale, shift))
 
 
+def affine_tangents(
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    tweight: Tensor | None,
+    tbias: Tensor | None,
+    tscale: Tensor | None,
+    tshift: Tensor | None,
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The (B, C) tangents of the per-channel a = weight (1 + scale) and t = bias (1 + scale) + shift, dense in
+    `dtype`: ta = tweight (1 + scale) + weight tscale, tt = tbias (1 + scale) + bias tscale + tshift. (None, None)
+    when no parameter carries a tangent. scale, tscale, tshift: (B, C) or None."""
+    if all(t is None for t in (tweight, tbias, tscale, tshift)):
+        return None, None
+    C = weight.shape[0]
+    s1 = 1 + scale.to(dtype) if scale is not None else torch.ones((), dtype=dtype, device=weight.device)
+    ta = torch.zeros((batch, C), dtype=dtype, device=weight.device)
+    tt = torch.zeros_like(ta)
+    if tweight is not None:
+        ta = ta + tweight.to(dtype) * s1
+    if tbias is not None:
+        tt = tt + tbias.to(dtype) * s1
+    if tscale is not None:
+        ta = ta + weight.to(dtype) * tscale.to(dtype)
+        tt = tt + bias.to(dtype) * tscale.to(dtype)
+    if tshift is not None:
+        tt = tt + tshift.to(dtype)
+    return ta.contiguous(), tt.contiguous()
+
+
+def group_norm_silu_jvp(
+    x: Tensor,
+    tx: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    ta: Tensor | None,
+    tt: Tensor | None,
+    num_groups: int,
+    silu: bool,
+) -> Tensor:
+    """Launch the forward-mode kernels: the tangent ty of y (x's dtype and layout) along tx (like x) and the (B, C)
+    float32 tangents ta, tt of the per-channel affine (None: no parameter tangent), from the forward's (B, G) mean and
+    rstd. The group means of tx and xhat tx are taken in the same program as ty when the group fits one tile."""
+    _check(x, num_groups)
+    x, fmt, hw, strides, ss = _layout(x, scale, shift)
+    tx = tx.contiguous(memory_format=fmt)
+    B, C, G = x.shape[0], x.shape[1], num_groups
+    cpg = C // G
+    ty = torch.empty_like(x, memory_format=fmt)
+    if ty.numel() == 0:
+        return ty
+    block_c, block_p, n_chunks = _plan(cpg, hw, MAX_FUSED_BWD)  # x and tx live, as x and dy in the backward
+    has_ss, has_taff = scale is not None, ta is not None
+    s_arg, t_arg = (scale, shift) if has_ss else (weight, weight)  # placeholders, never read
+    ta, tt = (ta, tt) if has_taff else (weight, weight)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    meta = dict(HAS_SCALE_SHIFT=has_ss, HAS_TAFFINE=has_taff, SILU=bool(silu), BLOCK_C=block_c, BLOCK_P=block_p,
+                num_warps=_num_warps(block_c, block_p))  # fmt: skip
+    sums = torch.empty((2, B * G), dtype=torch.float32, device=x.device)
+    if n_chunks > 1:
+        parts = torch.empty((2, B * G, n_chunks), dtype=torch.float32, device=x.device)
+        _gn_jvp_sums_kernel[(B * G, n_chunks)](
+            x, tx, mean, rstd, parts[0], parts[1], hw, G, cpg, *strides, BLOCK_C=block_c, BLOCK_P=block_p,
+            num_warps=meta["num_warps"],
+        )  # fmt: skip
+        sums = parts.sum(-1)
+    _gn_jvp_kernel[(B * G, n_chunks)](
+        x, tx, ty, weight, bias, s_arg, t_arg, ta, tt, mean, rstd, sums[0], sums[1], hw, G, cpg, *strides, *ss,
+        COMPUTE_SUMS=n_chunks == 1, **meta,
+    )  # fmt: skip
+    return ty
+
+
 def param_grads(sum_a: Tensor, sum_b: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None):
     """dweight, dbias, dscale, dshift (None, None without scale and shift), each in its input's dtype, from the
     (B, C) per-channel sums of dz xhat and dz (float32, or float64 for float64 inputs)."""
@@ -644,9 +820,106 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def group_norm_silu_jvp_torch(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, num_groups, silu):
+    """The kernels' forward-mode rule (see the module docstring) in PyTorch, in float32 (float64 for float64), from
+    the forward's (B, G) statistics: the registered JVP's torch implementation."""
+    compute = compute_dtype(x.dtype)
+    B, C = x.shape[:2]
+    groups = (B, num_groups, -1)
+    r = rstd.to(compute)[..., None]
+    xhat = (x.to(compute).reshape(groups) - mean.to(compute)[..., None]) * r
+    txg = tx.to(compute).reshape(groups)
+    txhat = r * (txg - txg.mean(-1, keepdim=True) - xhat * (xhat * txg).mean(-1, keepdim=True))
+    xhat, txhat = xhat.reshape(B, C, -1), txhat.reshape(B, C, -1)
+    a, t = weight.to(compute).expand(B, C), bias.to(compute).expand(B, C)
+    if scale is not None:
+        s1 = 1 + scale.to(compute)
+        a, t = a * s1, t * s1 + shift.to(compute)
+    tz = txhat * a[..., None]
+    if ta is not None:
+        tz = tz + xhat * ta.to(compute)[..., None] + tt.to(compute)[..., None]
+    if silu:
+        z = xhat * a[..., None] + t[..., None]
+        sig = torch.sigmoid(z)
+        tz = tz * sig * (1 + z * (1 - sig))
+    return tz.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+@torch.library.custom_op("cmfast::group_norm_silu_jvp", mutates_args=())
+def _group_norm_silu_jvp_op(
+    x: Tensor,
+    tx: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    ta: Tensor | None,
+    tt: Tensor | None,
+    num_groups: int,
+    silu: bool,
+    backend: str,
+) -> Tensor:
+    """The tangent of y along tx and the (B, C) tangents ta, tt of the per-channel affine (None: none), from the
+    forward's mean and rstd. backend: "ext" (cmfast_ext::group_norm_silu_jvp), "triton" or "torch"."""
+    if backend == "ext":
+        return torch.ops.cmfast_ext.group_norm_silu_jvp(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt,
+                                                        num_groups, silu)  # fmt: skip
+    if backend == "triton":
+        return group_norm_silu_jvp(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, num_groups, silu)
+    return group_norm_silu_jvp_torch(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, num_groups, silu)
+
+
+@_group_norm_silu_jvp_op.register_fake
+def _(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, num_groups, silu, backend):
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+class GroupNormSiLU(torch.autograd.Function):
+    """cmfast::group_norm_silu with its backward and its forward-mode rule: apply(x, weight, bias, scale, shift,
+    num_groups, eps, silu, backend, jvp_backend) -> (y, mean, rstd), mean and rstd not differentiable. backend runs
+    the forward and the backward, jvp_backend the tangent (cmfast.ops chooses both; an exception there is raised
+    when a JVP is taken). Tangents of x, weight, bias,
+    scale and shift are all taken."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale, shift, num_groups, eps, silu, backend, jvp_backend):
+        return torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, shift, num_groups, _, silu, backend, jvp_backend = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups, ctx.silu, ctx.backend, ctx.jvp_backend = num_groups, silu, backend, jvp_backend
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return (*_backward(ctx, dy, dmean, drstd), None)
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, tbias, tscale, tshift, *_):
+        if isinstance(ctx.jvp_backend, Exception):  # the backend asked for has no forward-mode kernel here
+            raise ctx.jvp_backend
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        tx = tx if tx is not None else torch.zeros_like(x)
+        ta, tt = affine_tangents(weight, bias, scale, tweight, tbias, tscale, tshift, x.shape[0], mean.dtype)
+        ty = torch.ops.cmfast.group_norm_silu_jvp(
+            x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, ctx.num_groups, ctx.silu, ctx.jvp_backend
+        )
+        return ty, None, None
+
+
 def _ext_forward_fake(x, weight, bias, scale, shift, num_groups, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
+
+
+def _ext_jvp_fake(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, num_groups, silu):
+    return torch.empty_like(x, memory_format=memory_format(x))
 
 
 def _ext_backward_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
@@ -655,7 +928,10 @@ def _ext_backward_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups
 
 
 def register_ext_fakes() -> None:
-    """Register the fake implementations of the extension's cmfast_ext::group_norm_silu and its backward (schemas in
-    csrc/ops.cpp), so torch.compile traces them; cmfast.ops calls this once, after loading the extension."""
+    """Register the fake implementations of the extension's cmfast_ext::group_norm_silu, its backward and its JVP
+    (schemas in csrc/ops.cpp), so torch.compile traces them; cmfast.ops calls this once, after loading the extension.
+    The JVP's is skipped for a cmfast._C built without it."""
     torch.library.register_fake("cmfast_ext::group_norm_silu", _ext_forward_fake)
     torch.library.register_fake("cmfast_ext::group_norm_silu_backward", _ext_backward_fake)
+    if ext_has_kernel("group_norm_silu_jvp", "cpu"):
+        torch.library.register_fake("cmfast_ext::group_norm_silu_jvp", _ext_jvp_fake)

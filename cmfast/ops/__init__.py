@@ -17,6 +17,14 @@ cmfast::attention and the backwards), with fake implementations, so torch.compil
 backend is an argument of those ops; their "torch" implementation lets `torch.library.opcheck` check the registration
 on any machine. This package checks the arguments, chooses the backend (dispatch.py) and loads the extension
 (extension.py).
+
+Forward mode: torch.func.jvp and torch.autograd.forward_ad run through every differentiable op. The fused backends'
+calls go through an autograd.Function per op (in its kernel file) that holds the backward and a forward-mode rule whose
+tangent is a fused kernel too; its backend is chosen with the forward's, in the same order and with the same override,
+and `explain("<op>_jvp", ...)` reports it ("torch" where the forward is the reference, which autograd differentiates).
+A backend asked for that can run the forward but not its JVP raises its BackendError when a JVP is taken. Under
+torch.compile the registered op is called directly (dynamo cannot trace an autograd.Function with a jvp), with its
+backward and no forward mode.
 """
 
 from __future__ import annotations
@@ -49,13 +57,27 @@ def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     """The backend `cmfast.ops.<op>(*args, backend=backend, **kwargs)` would run on, and why others were skipped.
     Raises as the op would (BackendError when the backend asked for cannot take the inputs)."""
     prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
-               "attention": _prepare_attention, "group_norm_silu_nhwc": _prepare_group_norm_silu_nhwc}  # fmt: skip
+               "attention": _prepare_attention, "group_norm_silu_nhwc": _prepare_group_norm_silu_nhwc,
+               "group_norm_silu_jvp": _prepare_group_norm_silu_jvp}  # fmt: skip
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
 
 
 # --- argument checks -------------------------------------------------------------------------------------------------
+
+
+def _choose_jvp(op: str, module, backend: str | None, device_type: str, reasons: dict) -> Choice | BackendError:
+    """The backend of an op's forward-mode kernel, chosen with its forward (the ops' autograd.Functions take it); a
+    backend asked for that cannot run it gives its BackendError, for the Function to raise if a JVP is taken."""
+    try:
+        return choose(op, module, backend, device_type, reasons)
+    except BackendError as e:
+        return e
+
+
+def _jvp_backend(jvp: Choice | BackendError) -> str | BackendError:
+    return jvp if isinstance(jvp, BackendError) else jvp.backend
 
 
 def _check_devices(op: str, *tensors: Tensor | None) -> str:
@@ -110,14 +132,28 @@ def group_norm_silu(
     or None; scale, shift: B x C values, e.g. (B, C, 1, 1). Returns y of x's shape, dtype and memory format.
     Differentiable in x, weight, bias, scale and shift.
     """
-    choice, args = _prepare_group_norm_silu(x, weight, bias, num_groups, eps, scale, shift, silu, backend=backend)
+    choice, args, jvp = _prepare_group_norm_silu(x, weight, bias, num_groups, eps, scale, shift, silu, backend=backend)
     if choice.backend == "torch":
         return _group_norm_silu.group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu)
     x, weight, bias, scale, shift = args
-    return torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, choice.backend)[0]
+    if torch.compiler.is_compiling():  # dynamo cannot trace an autograd.Function with a jvp; the op has its backward
+        return torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, choice.backend)[0]
+    return _group_norm_silu.GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu, choice.backend,
+                                                _jvp_backend(jvp))[0]  # fmt: skip
+
+
+def _prepare_group_norm_silu_jvp(*args, backend, **kwargs):
+    """The backend of group_norm_silu's forward-mode rule (the torch backend's is autograd's, on the reference)."""
+    choice, _, jvp = _prepare_group_norm_silu(*args, backend=backend, **kwargs)
+    if isinstance(jvp, BackendError):
+        raise jvp
+    return (jvp if jvp is not None else choice,)
 
 
 def _prepare_group_norm_silu(x, weight, bias, num_groups=32, eps=1e-5, scale=None, shift=None, silu=True, *, backend):
+    """The forward's backend, the arguments of the registered op (None for torch), and the forward-mode kernel's
+    backend (None for torch: autograd differentiates the reference; a BackendError when the backend asked for has
+    no forward-mode kernel for these inputs, raised only if a JVP runs)."""
     op = "group_norm_silu"
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be (B, C, ...), got shape {tuple(x.shape)}")
@@ -141,10 +177,12 @@ def _prepare_group_norm_silu(x, weight, bias, num_groups=32, eps=1e-5, scale=Non
                "ext": extension.group_norm_reasons(x, num_groups, device_type)}  # fmt: skip
     choice = choose(op, _group_norm_silu, backend, device_type, reasons)
     if choice.backend == "torch":
-        return choice, None
+        return choice, None, None
+    jvp_reasons = {"triton": reasons["triton"], "ext": extension.dtype_reasons(x)}
+    jvp = _choose_jvp(op + "_jvp", _group_norm_silu, backend, device_type, jvp_reasons)
     weight = weight if weight is not None else torch.ones(C, device=x.device)
     bias = bias if bias is not None else torch.zeros(C, device=x.device)
-    return choice, (x, weight, bias, scale, shift)
+    return choice, (x, weight, bias, scale, shift), jvp
 
 
 # --- channels_last GroupNorm + SiLU with pre-adds (inference) -------------------------------------------------------

@@ -18,7 +18,17 @@ from torch import Tensor
 from ..kernels import group_norm_silu, group_norm_silu_nhwc, heun_step, skip_out
 from ..kernels._common import KERNEL_DTYPES, ext_has_kernel
 
-OPS = ("group_norm_silu", "group_norm_silu_backward", "group_norm_silu_nhwc", "skip_out", "heun_step")  # csrc/ops.cpp
+OPS = (
+    "group_norm_silu",
+    "group_norm_silu_backward",
+    "group_norm_silu_jvp",
+    "group_norm_silu_nhwc",
+    "skip_out",
+    "skip_out_jvp",
+    "trig_skip_out",
+    "trig_skip_out_jvp",
+    "heun_step",
+)  # csrc/ops.cpp
 DEVICE_TYPES = ("cpu", "cuda")
 THREADS = 256  # threads per block of the CUDA GroupNorm kernel: a tile may hold 256 vectors of channels
 

@@ -1,4 +1,5 @@
-// CPU kernels of the cmfast_ext ops: GroupNorm(+scale-shift)+SiLU forward and backward, skip/out, Heun step.
+// CPU kernels of the cmfast_ext ops: GroupNorm(+scale-shift)+SiLU forward, backward and forward mode (JVP), skip/out
+// and its TrigFlow form (each with its JVP), Heun step.
 //
 // Threads come from at::parallel_for (PyTorch's OpenMP pool). The inner loops are plain loops over one row of
 // elements that GCC vectorises; CMFAST_CLONES compiles each of them for AVX-512, AVX2 and baseline x86-64 and picks
@@ -181,6 +182,36 @@ CMFAST_CLONES void backward_dx(const T* __restrict x, const T* __restrict dy, T*
   }
 }
 
+// Forward mode over one channel's n positions: sums of tx and of xhat tx, for the group means of the tangent rule.
+template <typename T, bool CONTIG>
+CMFAST_CLONES void jvp_sums(const T* __restrict x, const T* __restrict tx, int64_t n, int64_t stride_, float m, float r,
+                            double* sum_t, double* sum_xt) {
+  const int64_t stride = CONTIG ? 1 : stride_;
+  double st = 0.0, sxt = 0.0;
+#pragma omp simd reduction(+ : st, sxt)
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (to_float(x[i * stride]) - m) * r;
+    const float t = to_float(tx[i * stride]);
+    st += t;
+    sxt += static_cast<double>(xhat) * t;
+  }
+  *sum_t += st;
+  *sum_xt += sxt;
+}
+
+// ty = act'(z) (rstd (tx - mean_g(tx) - xhat mean_g(xhat tx)) a + xhat ta + tt), z = xhat a + t, over one channel.
+template <typename T, bool SILU, bool CONTIG>
+CMFAST_CLONES void jvp_ty(const T* __restrict x, const T* __restrict tx, T* __restrict ty, int64_t n, int64_t stride_,
+                          float m, float r, float a, float t, float ta, float tt, float mean_t, float mean_xt) {
+  const int64_t stride = CONTIG ? 1 : stride_;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (to_float(x[i * stride]) - m) * r;
+    const float txhat = r * (to_float(tx[i * stride]) - mean_t - xhat * mean_xt);
+    ty[i * stride] = from_float<T>(act_grad<SILU>(txhat * a + xhat * ta + tt, xhat * a + t));
+  }
+}
+
 // --- GroupNorm + SiLU: ops ------------------------------------------------------------------------------------------
 
 // Per-channel a = weight (1 + scale) and t = bias (1 + scale) + shift of sample b (no scale-shift: weight, bias).
@@ -311,6 +342,18 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cpu(const Tensor& x, const Te
   return {y, mean, rstd};
 }
 
+// The forward's (B, num_groups) float32 statistics, as the backward and the JVP take them.
+void check_stats(const char* op, const Tensor& x, const Tensor& mean, const Tensor& rstd, int64_t G) {
+  const int64_t B = x.size(0);
+  const std::pair<const char*, const Tensor*> stats[] = {{"mean", &mean}, {"rstd", &rstd}};
+  for (auto [name, t] : stats) {
+    CMFAST_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    CMFAST_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == B && t->size(1) == G, op, ": ",
+                name, " must be float32 of shape (B, num_groups) = (", B, ", ", G, "), got ", t->scalar_type(), " ",
+                t->sizes());
+  }
+}
+
 // Parallel over (sample, group); channels_last reads with a stride of C (the backward is not tuned).
 std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy, const Tensor& x,
                                                                 const Tensor& weight, const Tensor& bias,
@@ -321,13 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
   const auto p = check_group_norm(op, x, weight, bias, scale, shift, num_groups);
   check_like(op, "dy", dy, x);
   const int64_t B = x.size(0), C = x.size(1), G = num_groups;
-  const std::pair<const char*, const Tensor*> stats[] = {{"mean", &mean}, {"rstd", &rstd}};
-  for (auto [name, t] : stats) {
-    CMFAST_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
-    CMFAST_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == B && t->size(1) == G, op, ": ",
-                name, " must be float32 of shape (B, num_groups) = (", B, ", ", G, "), got ", t->scalar_type(), " ",
-                t->sizes());
-  }
+  check_stats(op, x, mean, rstd, G);
   const auto format = memory_format(x);
   const Tensor xc = x.contiguous(format), dyc = dy.contiguous(format);
   const Tensor mc = mean.contiguous(), rc = rstd.contiguous();
@@ -378,6 +415,76 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& dy
     }
   });
   return {dx, sum_a, sum_b};
+}
+
+// Forward mode: the tangent of y along tx and the (B, C) tangents ta, tt of the per-channel affine (undefined: none),
+// from the forward's mean and rstd. Parallel over (sample, group): one sweep for the group means of tx and xhat tx,
+// one that writes ty; channels_last reads with a stride of C, as the backward.
+Tensor group_norm_silu_jvp_cpu(const Tensor& x, const Tensor& tx, const Tensor& weight, const Tensor& bias,
+                               const std::optional<Tensor>& scale, const std::optional<Tensor>& shift,
+                               const Tensor& mean, const Tensor& rstd, const std::optional<Tensor>& ta,
+                               const std::optional<Tensor>& tt, int64_t num_groups, bool silu) {
+  const char* op = "cmfast_ext::group_norm_silu_jvp";
+  const auto p = check_group_norm(op, x, weight, bias, scale, shift, num_groups);
+  check_like(op, "tx", tx, x);
+  const int64_t B = x.size(0), C = x.size(1), G = num_groups;
+  check_stats(op, x, mean, rstd, G);
+  CMFAST_CHECK(ta.has_value() == tt.has_value(), op, ": give both ta and tt or neither");
+  Tensor tac, ttc;
+  if (ta.has_value()) {
+    const std::pair<const char*, const Tensor*> tangents[] = {{"ta", &*ta}, {"tt", &*tt}};
+    for (auto [name, t] : tangents) {
+      CMFAST_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+      CMFAST_CHECK(t->numel() == B * C, op, ": ", name, " must hold B x C = ", B, " x ", C, " values, got shape ",
+                  t->sizes());
+    }
+    tac = ta->reshape({B, C}).to(at::kFloat).contiguous();
+    ttc = tt->reshape({B, C}).to(at::kFloat).contiguous();
+  }
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), txc = tx.contiguous(format);
+  const Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  Tensor ty = new_output(xc, format);
+  if (xc.numel() == 0) return ty;
+  const int64_t HW = xc.numel() / (B * C), cpg = C / G, n = cpg * HW;
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  const int64_t stride_c = cl ? 1 : HW, stride_p = cl ? C : 1;
+  const auto aff = channel_affine(p, C);
+  const float *m = mc.const_data_ptr<float>(), *r = rc.const_data_ptr<float>();
+  const float* tap = tac.defined() ? tac.const_data_ptr<float>() : nullptr;
+  const float* ttp = ttc.defined() ? ttc.const_data_ptr<float>() : nullptr;
+  CMFAST_DISPATCH(x.scalar_type(), "group_norm_silu_jvp_cpu", [&] {
+    auto run = [&](auto silu_tag, auto contig_tag) {
+      constexpr bool SILU = decltype(silu_tag)::value, CONTIG = decltype(contig_tag)::value;
+      const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *txp = txc.const_data_ptr<scalar_t>();
+      scalar_t* typ = ty.mutable_data_ptr<scalar_t>();
+      parallel_items(B * G, 2 * n, [&](int64_t begin, int64_t end) {
+        for (int64_t bg = begin; bg < end; ++bg) {
+          const int64_t b = bg / G, c0 = (bg % G) * cpg;
+          double sum_t = 0.0, sum_xt = 0.0;
+          for (int64_t c = c0; c < c0 + cpg; ++c) {
+            const int64_t off = b * C * HW + c * stride_c;
+            jvp_sums<scalar_t, CONTIG>(xp + off, txp + off, HW, stride_p, m[bg], r[bg], &sum_t, &sum_xt);
+          }
+          const float mean_t = static_cast<float>(sum_t / n), mean_xt = static_cast<float>(sum_xt / n);
+          for (int64_t c = c0; c < c0 + cpg; ++c) {
+            float a, t;
+            aff(b, c, &a, &t);
+            const float ta_c = tap != nullptr ? tap[b * C + c] : 0.0f, tt_c = ttp != nullptr ? ttp[b * C + c] : 0.0f;
+            const int64_t off = b * C * HW + c * stride_c;
+            jvp_ty<scalar_t, SILU, CONTIG>(xp + off, txp + off, typ + off, HW, stride_p, m[bg], r[bg], a, t, ta_c,
+                                           tt_c, mean_t, mean_xt);
+          }
+        }
+      });
+    };
+    if (cl) {
+      silu ? run(std::true_type{}, std::false_type{}) : run(std::false_type{}, std::false_type{});
+    } else {
+      silu ? run(std::true_type{}, std::true_type{}) : run(std::false_type{}, std::true_type{});
+    }
+  });
+  return ty;
 }
 
 // --- skip/out and the Heun step -------------------------------------------------------------------------------------
@@ -464,6 +571,134 @@ Tensor skip_out_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, doubl
   return out;
 }
 
+// Forward mode of skip/out: c_skip tx + c_out tF + tsigma (c_skip' x + c_out' F), zero where the clamp is active.
+template <typename T, bool CLAMP>
+CMFAST_CLONES void skip_out_jvp_row(const T* __restrict x, const T* __restrict f, const T* __restrict tx,
+                                    const T* __restrict tf, T* __restrict tout, int64_t n, float c_skip, float c_out,
+                                    float tc_skip, float tc_out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xv = to_float(x[i]), fv = to_float(f[i]);
+    float t = c_skip * to_float(tx[i]) + c_out * to_float(tf[i]) + tc_skip * xv + tc_out * fv;
+    if (CLAMP) {
+      const float o = c_skip * xv + c_out * fv;
+      t = (o > -1.0f && o < 1.0f) ? t : 0.0f;
+    }
+    tout[i] = from_float<T>(t);
+  }
+}
+
+// A tangent like x made dense in x's format, or zeros where there is none.
+Tensor tangent_or_zeros(const char* op, const char* name, const std::optional<Tensor>& t, const Tensor& xc,
+                        at::MemoryFormat format) {
+  if (!t.has_value()) return at::zeros_like(xc, format);
+  check_like(op, name, *t, xc);
+  return t->contiguous(format);
+}
+
+Tensor skip_out_jvp_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, const std::optional<Tensor>& tx,
+                        const std::optional<Tensor>& tF, const std::optional<Tensor>& tsigma, double sigma_min,
+                        double sigma_data, bool clamp) {
+  const char* op = "cmfast_ext::skip_out_jvp";
+  CMFAST_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  check_dtype(op, "x", x);
+  check_like(op, "F", F, x);
+  const Tensor sig = per_sample(op, "sigma", sigma, x);
+  const Tensor tsig = tsigma.has_value() ? per_sample(op, "tsigma", *tsigma, x) : at::zeros_like(sig);
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), Fc = F.contiguous(format);
+  const Tensor txc = tangent_or_zeros(op, "tx", tx, xc, format), tFc = tangent_or_zeros(op, "tF", tF, xc, format);
+  Tensor tout = new_output(xc, format);
+  if (tout.numel() == 0) return tout;
+  const int64_t B = x.size(0), n = xc.numel() / B;
+  const float smin = static_cast<float>(sigma_min), sd = static_cast<float>(sigma_data);
+  const float sd2 = static_cast<float>(sigma_data * sigma_data);
+  const float *s = sig.const_data_ptr<float>(), *ts = tsig.const_data_ptr<float>();
+  CMFAST_DISPATCH(x.scalar_type(), "skip_out_jvp_cpu", [&] {
+    const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *fp = Fc.const_data_ptr<scalar_t>();
+    const scalar_t *txp = txc.const_data_ptr<scalar_t>(), *tfp = tFc.const_data_ptr<scalar_t>();
+    scalar_t* top = tout.mutable_data_ptr<scalar_t>();
+    per_sample_blocks(B, n, [&](int64_t b, int64_t off, int64_t len) {
+      // c_skip = sd2 / (d^2 + sd2), c_out = sd d / sqrt(sigma^2 + sd2) (Appendix C), d = sigma - sigma_min, and their
+      // derivatives in sigma: -2 sd2 d / (d^2 + sd2)^2 and sd (sd2 + sigma sigma_min) / (sigma^2 + sd2)^(3/2).
+      const float d = s[b] - smin, den = d * d + sd2, q = s[b] * s[b] + sd2, rq = 1.0f / std::sqrt(q);
+      const float c_skip = sd2 / den, c_out = sd * d * rq;
+      const float tc_skip = ts[b] * (-2.0f * sd2 * d / (den * den)), tc_out = ts[b] * sd * (sd2 + s[b] * smin) * rq / q;
+      (clamp ? skip_out_jvp_row<scalar_t, true> : skip_out_jvp_row<scalar_t, false>)(
+          xp + off, fp + off, txp + off, tfp + off, top + off, len, c_skip, c_out, tc_skip, tc_out);
+    });
+  });
+  return tout;
+}
+
+// TrigFlow's consistency function cos(t) x - sin(t) sigma_data F (OUT) and its tangent
+// cos(t) tx - sin(t) sigma_data tF - tt (sin(t) x + cos(t) sigma_data F) (TANGENT), in one pass over x and F.
+template <typename T, bool OUT, bool TANGENT>
+CMFAST_CLONES void trig_row(const T* __restrict x, const T* __restrict f, const T* __restrict tx,
+                            const T* __restrict tf, T* __restrict out, T* __restrict tout, int64_t n, float cos_t,
+                            float sin_t, float sd, float tt) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xv = to_float(x[i]), fv = to_float(f[i]);
+    if (OUT) out[i] = from_float<T>(cos_t * xv - sin_t * sd * fv);
+    if (TANGENT) {
+      const float d = cos_t * to_float(tx[i]) - sin_t * sd * to_float(tf[i]) - tt * (sin_t * xv + cos_t * sd * fv);
+      tout[i] = from_float<T>(d);
+    }
+  }
+}
+
+// Both trig_skip_out ops: out (when `primal`; else an empty tensor) and, with `tangent`, tout along tx, tF, tt
+// (missing ones are zero).
+std::tuple<Tensor, Tensor> trig_skip_out_impl(const char* op, const Tensor& x, const Tensor& F, const Tensor& t,
+                                              const std::optional<Tensor>& tx, const std::optional<Tensor>& tF,
+                                              const std::optional<Tensor>& tt, double sigma_data, bool primal,
+                                              bool tangent) {
+  CMFAST_CHECK(x.dim() >= 1, op, ": x must be (B, ...), got a scalar");
+  check_dtype(op, "x", x);
+  check_like(op, "F", F, x);
+  const Tensor tc = per_sample(op, "t", t, x);
+  const auto format = memory_format(x);
+  const Tensor xc = x.contiguous(format), Fc = F.contiguous(format);
+  Tensor out = primal ? new_output(xc, format) : at::empty({0}, x.options());
+  Tensor tout = tangent ? new_output(xc, format) : at::empty({0}, x.options());
+  Tensor txc, tFc, ttc;
+  if (tangent) {
+    txc = tangent_or_zeros(op, "tx", tx, xc, format);
+    tFc = tangent_or_zeros(op, "tF", tF, xc, format);
+    ttc = tt.has_value() ? per_sample(op, "tt", *tt, x) : at::zeros_like(tc);
+  }
+  if (xc.numel() == 0) return {out, tout};
+  const int64_t B = x.size(0), n = xc.numel() / B;
+  const float sd = static_cast<float>(sigma_data);
+  const float* tp = tc.const_data_ptr<float>();
+  const float* ttp = tangent ? ttc.const_data_ptr<float>() : nullptr;
+  CMFAST_DISPATCH(x.scalar_type(), "trig_skip_out_cpu", [&] {
+    const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *fp = Fc.const_data_ptr<scalar_t>();
+    const scalar_t* txp = tangent ? txc.const_data_ptr<scalar_t>() : xp;
+    const scalar_t* tfp = tangent ? tFc.const_data_ptr<scalar_t>() : fp;
+    scalar_t* op_ = primal ? out.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* top = tangent ? tout.mutable_data_ptr<scalar_t>() : nullptr;
+    auto row = primal ? (tangent ? trig_row<scalar_t, true, true> : trig_row<scalar_t, true, false>)
+                      : trig_row<scalar_t, false, true>;
+    per_sample_blocks(B, n, [&](int64_t b, int64_t off, int64_t len) {
+      row(xp + off, fp + off, txp + off, tfp + off, primal ? op_ + off : nullptr, tangent ? top + off : nullptr, len,
+          std::cos(tp[b]), std::sin(tp[b]), sd, tangent ? ttp[b] : 0.0f);
+    });
+  });
+  return {out, tout};
+}
+
+Tensor trig_skip_out_cpu(const Tensor& x, const Tensor& F, const Tensor& t, double sigma_data) {
+  return std::get<0>(trig_skip_out_impl("cmfast_ext::trig_skip_out", x, F, t, {}, {}, {}, sigma_data, true, false));
+}
+
+std::tuple<Tensor, Tensor> trig_skip_out_jvp_cpu(const Tensor& x, const Tensor& F, const Tensor& t,
+                                                 const std::optional<Tensor>& tx, const std::optional<Tensor>& tF,
+                                                 const std::optional<Tensor>& tt, double sigma_data, bool primal) {
+  return trig_skip_out_impl("cmfast_ext::trig_skip_out_jvp", x, F, t, tx, tF, tt, sigma_data, primal, true);
+}
+
 Tensor heun_step_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, const Tensor& sigma_next,
                      const std::optional<Tensor>& F_next, double sigma_data, bool clamp) {
   const char* op = "cmfast_ext::heun_step";
@@ -499,7 +734,11 @@ Tensor heun_step_cpu(const Tensor& x, const Tensor& F, const Tensor& sigma, cons
 TORCH_LIBRARY_IMPL(cmfast_ext, CPU, m) {
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_jvp", &group_norm_silu_jvp_cpu);
   m.impl("skip_out", &skip_out_cpu);
+  m.impl("skip_out_jvp", &skip_out_jvp_cpu);
+  m.impl("trig_skip_out", &trig_skip_out_cpu);
+  m.impl("trig_skip_out_jvp", &trig_skip_out_jvp_cpu);
   m.impl("heun_step", &heun_step_cpu);
 }
 

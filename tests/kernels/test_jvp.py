@@ -1,0 +1,175 @@
+"""Forward mode (JVP) of the fused ops: torch.func.jvp through cmfast.ops against torch.func.jvp of the float64
+references, primal and tangent, on irregular shapes, for the Triton kernels (CPU interpreter, marker `triton`; CUDA,
+marker `cuda`), the extension's CPU kernels and the PyTorch rules the registered JVP ops carry;
+torch.autograd.forward_ad through the same rules; a backward through the primal output in the step that took the JVP;
+and the JVP backends' place in the dispatch (explain).
+
+Tolerance (the `within_rule` fixture of conftest.py): the error against float64 is at most twice the error of PyTorch's
+own JVP in the same dtype (autograd's forward mode through the reference), plus a floor.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from cmfast import ops
+from cmfast.kernels import group_norm_silu as _gn
+from cmfast.kernels._common import interpreted
+
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FORMS = ["silu", "norm", "scale_shift"]
+# (B, C, H, W, groups): odd H x W, C not a power of two, batch 1 and 3
+GN_SHAPES = {"cpu": [(3, 12, 5, 7, 4), (1, 40, 3, 3, 10)], "cuda": [(3, 192, 33, 31, 32), (1, 576, 17, 15, 32)]}
+
+
+@pytest.fixture(autouse=True)
+def no_backend_override(monkeypatch):
+    monkeypatch.delenv("CMFAST_BACKEND", raising=False)
+
+
+def needs_extension():
+    reason = ops.extension.reason()
+    if reason and os.environ.get("CMFAST_REQUIRE_EXT") == "1":
+        pytest.fail(f"CMFAST_REQUIRE_EXT=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+def jvp(fn, primals, tangents, cast=None):
+    """torch.func.jvp(fn, primals, tangents), the inputs cast to `cast` first (e.g. float64 for the reference)."""
+    if cast is not None:
+        primals, tangents = (tuple(t.to(cast) for t in ts) for ts in (primals, tangents))
+    return torch.func.jvp(fn, primals, tangents)
+
+
+def assert_jvp_within_rule(check, fn, reference, primals, tangents, dtype, what):
+    """Primal and tangent of fn against float64 jvp of `reference`, within twice the error of jvp(reference) in
+    dtype plus the floor."""
+    out, tout = jvp(fn, primals, tangents)
+    ref, tref = jvp(reference, primals, tangents, cast=torch.float64)
+    low, tlow = jvp(reference, primals, tangents)
+    assert out.dtype == dtype and tout.dtype == dtype, what
+    check(out, ref, low, dtype, f"primal of {what}")
+    check(tout, tref, tlow, dtype, f"tangent of {what}")
+    return out, tout
+
+
+# --- GroupNorm + SiLU ------------------------------------------------------------------------------------------------
+
+
+def gn_case(group_norm_inputs, shape, form, dtype, device, channels_last, seed=0):
+    """Primals (x, weight, bias[, scale, shift]) and random tangents for every one of them, and fn(backend)."""
+    x, weight, bias, scale, shift, _ = group_norm_inputs(shape[:4], form, dtype, device, channels_last, seed)
+    primals = (x, weight, bias) + ((scale, shift) if scale is not None else ())
+    g = torch.Generator().manual_seed(seed + 100)
+    tangents = tuple(torch.randn(p.shape, generator=g).to(device, dtype).contiguous(memory_format=_gn.memory_format(p))
+                     for p in primals)  # fmt: skip
+    groups, silu = shape[-1], form != "norm"
+
+    def fn(backend):
+        def f(x, weight, bias, *scale_shift):
+            s, t = scale_shift if scale_shift else (None, None)
+            return ops.group_norm_silu(x, weight, bias, groups, 1e-5, s, t, silu=silu, backend=backend)
+
+        return f
+
+    return primals, tangents, fn
+
+
+@pytest.fixture
+def check_gn(group_norm_inputs, poisoned_outputs, within_rule):
+    """check_gn(shape, form, dtype, device, channels_last, backend): jvp through the backend against the rule, the
+    tangent in x's memory format."""
+    check = within_rule(FLOOR)
+
+    def run(shape, form, dtype, device, channels_last, backend, seed=0):
+        primals, tangents, fn = gn_case(group_norm_inputs, shape, form, dtype, device, channels_last, seed)
+        with poisoned_outputs():
+            _, tout = assert_jvp_within_rule(check, fn(backend), fn("torch"), primals, tangents, dtype,
+                                             f"{backend} {form} {shape} channels_last={channels_last}")  # fmt: skip
+        assert tout.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_jvp_triton(device, dtype, form, channels_last, check_gn):
+    for i, shape in enumerate(GN_SHAPES[device]):
+        check_gn(shape, form, dtype, device, channels_last, "triton", seed=i)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_group_norm_silu_jvp_triton_split(device, form, monkeypatch, check_gn):
+    """Groups too big for one program: the partial-sums kernel, then the tangent kernel, with a partial last chunk."""
+    monkeypatch.setattr(_gn, "MAX_FUSED_BWD", 64)
+    monkeypatch.setattr(_gn, "CHUNK", 64)
+    assert _gn._plan(3, 99, 64)[2] == 7
+    check_gn((3, 24, 9, 11, 8), form, torch.float32, device, form == "norm", "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_jvp_extension(dtype, form, channels_last, check_gn, monkeypatch):
+    needs_extension()
+    monkeypatch.setenv("CMFAST_EXT_POISON", "1")
+    for i, shape in enumerate(GN_SHAPES["cpu"]):
+        check_gn(shape, form, dtype, "cpu", channels_last, "ext", seed=i)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_group_norm_silu_jvp_torch_rule(form, group_norm_inputs, within_rule):
+    """The registered JVP op's PyTorch rule (what opcheck runs, and the kernels' specification) in float64 against
+    autograd's forward mode through the float64 reference."""
+    primals, tangents, fn = gn_case(group_norm_inputs, (3, 12, 5, 7, 4), form, torch.float64, "cpu", False)
+    x, weight, bias, *ss = primals
+    scale, shift = (t.reshape(3, 12) for t in ss) if ss else (None, None)
+    tx, tweight, tbias, *tss = tangents
+    tscale, tshift = (t.reshape(3, 12) for t in tss) if tss else (None, None)
+    _, mean, rstd = torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, 4, 1e-5, form != "norm", "torch")
+    ta, tt = _gn.affine_tangents(weight, bias, scale, tweight, tbias, tscale, tshift, 3, torch.float64)
+    tout = _gn.group_norm_silu_jvp_torch(x, tx, weight, bias, scale, shift, mean, rstd, ta, tt, 4, form != "norm")
+    _, tref = jvp(fn("torch"), primals, tangents)
+    torch.testing.assert_close(tout, tref, rtol=1e-10, atol=1e-10)
+
+
+def test_group_norm_silu_forward_ad_and_backward_through_the_primal(group_norm_inputs):
+    """torch.autograd.forward_ad takes the same rule as torch.func.jvp; and with grad on, a backward through the
+    primal output of torch.func.jvp gives the gradients of the plain op."""
+    primals, tangents, fn = gn_case(group_norm_inputs, (3, 12, 5, 7, 4), "scale_shift", torch.float32, "cpu", True)
+    if ops.explain("group_norm_silu", *primals[:3], 4).backend == "torch":
+        pytest.skip("no fused backend on this machine (no extension, no Triton interpreter)")
+    _, tref = jvp(fn("torch"), primals, tangents, cast=torch.float64)
+    with fwAD.dual_level():
+        out = fn(None)(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        tout = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(tout.double(), tref, rtol=1e-4, atol=1e-5)
+
+    leaves = [p.detach().requires_grad_() for p in primals]
+    out, tout = torch.func.jvp(fn(None), tuple(leaves), tangents)
+    torch.testing.assert_close(tout.double(), tref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    ref_leaves = [p.detach().double().requires_grad_() for p in primals]
+    ref_grads = torch.autograd.grad(fn("torch")(*ref_leaves), ref_leaves, dy.double())
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_silu_jvp_in_explain(group_norm_inputs):
+    x, weight, bias, *_ = group_norm_inputs((2, 8, 3, 3), "silu", torch.float32)
+    assert ops.explain("group_norm_silu_jvp", x, weight, bias, 4, backend="torch").backend == "torch"
+    auto = ops.explain("group_norm_silu_jvp", x, weight, bias, 4)
+    expected = [b for b in ("ext", "triton") if b not in auto.skipped]
+    assert auto.backend == (expected[0] if expected else "torch")
+    if ops.extension.reason():
+        assert auto.skipped["ext"] == ops.extension.reason()
+    elif not interpreted(_gn):
+        assert auto.backend == "ext"  # the CPU JVP kernel
+    # float64 has no fused kernel: the JVP is autograd's, through the reference
+    assert ops.explain("group_norm_silu_jvp", x.double(), weight, bias, 4).backend == "torch"
