@@ -35,6 +35,7 @@ class TrainConfig:
     sharding: str = "ddp"  # with several processes: "ddp" (replicated) or "fsdp" (FSDP2: weights, EMAs, optimizer)
     lr: float = 4e-4  # RAdam, constant (no decay, no warm-up, no weight decay)
     ema_rates: tuple[float, ...] = (0.9999,)  # online-weight EMAs kept for evaluation
+    ema_warmup: bool = False  # EMA decay min(rate, (1 + k) / (10 + k)) at step k (schedules.ema_rate)
     dropout: float | None = None  # overrides the network's dropout when set; None: the preset's (CD students: 0)
     fourier_scale: float | None = None  # overrides the NCSN++ Fourier-embedding scale when set (iCT: 0.02)
     xflip: bool = False  # horizontal flips (off for digits: a flipped digit is not a digit)

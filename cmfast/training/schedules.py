@@ -20,6 +20,15 @@ def _check_steps(k: int, K: int) -> None:
         raise ValueError(f"the total number of iterations K must be positive, got {K}")
 
 
+def ema_rate(rate: float, k: int, warmup: bool = False) -> float:
+    """The decay of an online-weight EMA at taken step k (0-based). Without warm-up, `rate` itself. With warm-up,
+    min(rate, (1 + k) / (10 + k)): the average then spans about the last tenth of the steps taken, so a short run's
+    EMA keeps no stale early weights (a fixed rate keeps a share rate^k of the initial ones: 0.999^3000 = 5 %)."""
+    if k < 0:
+        raise ValueError(f"the training iteration k must be >= 0, got {k}")
+    return min(rate, (1 + k) / (10 + k)) if warmup else rate
+
+
 def ct_num_scales(k: int, K: int, s0: int, s1: int) -> int:
     """N(k), the Karras grid size at iteration k of K: N(0) = s0 (integer s0 >= 2), rising to N(K) = s1 + 1.
 

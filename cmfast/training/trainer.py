@@ -53,6 +53,7 @@ from .distributed import init_distributed, local_tensors
 from .graph_step import CapturedCDStep, captured_step_problems
 from .loader import BatchSplit, StepSampler, default_workers, make_loader, sample_seed, worker_error
 from .losses import CDLoss, CTLoss, EDMLoss
+from .schedules import ema_rate
 from .sharding import full_state_dict, list_sharded_checkpoints, load_sharded, save_sharded, shard_model
 from .state import TrainingError
 
@@ -388,7 +389,7 @@ class Trainer:
         sharded alike)."""
         params = local_tensors(self.online.parameters())
         buffers = list(self.online.buffers())
-        averages = list(self.emas.items())
+        averages = [(ema_rate(rate, k, self.cfg.ema_warmup), model) for rate, model in self.emas.items()]
         if self.target is not None:
             averages.append((self.loss_fn.target_ema(k), self.target))
         if self.sharded:  # FSDP keeps a root's weights gathered after a forward without backward (the target's)

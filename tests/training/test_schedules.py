@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmfast.sampling import karras_sigmas
-from cmfast.training.schedules import ct_num_scales, ct_target_ema, ict_num_scales, lognormal_index_probs
+from cmfast.training.schedules import ct_num_scales, ct_target_ema, ema_rate, ict_num_scales, lognormal_index_probs
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,16 @@ def test_lognormal_index_probs_favour_the_mode():
     assert 0.05 < peak < 0.5  # ln(sigma) ~ N(-1.1, 2^2) has its mode at sigma = exp(-1.1) = 0.33 (a sign slip: 3.0)
     with pytest.raises(ValueError, match="two positive"):
         lognormal_index_probs(torch.tensor([1.0]))
+
+
+def test_ema_warmup_forgets_the_initial_weights_as_its_closed_form_says():
+    """With warm-up the share of the initial weights left after k updates is prod_j (1 + j) / (10 + j) =
+    9! k! / (k + 9)! until the rate caps it; without, rate^k."""
+    k, rate = 300, 0.999
+    share_warm = math.prod(ema_rate(rate, j, warmup=True) for j in range(k))
+    closed = math.exp(math.lgamma(10) + math.lgamma(k + 1) - math.lgamma(k + 10))
+    assert share_warm == pytest.approx(closed, rel=1e-9)
+    assert math.prod(ema_rate(rate, j) for j in range(k)) == pytest.approx(rate**k, rel=1e-12)
+    assert ema_rate(rate, 10**6, warmup=True) == rate  # capped by the configured rate late in a run
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        ema_rate(rate, -1, warmup=True)
