@@ -8,8 +8,14 @@ each program handles one block of one sample, so sigma and the coefficients are 
 Memory traffic: forward reads x and F once and writes out once; backward reads the gradient (and x and F only when
 clamping, to recompute the clamp's mask) and writes dx and dF once.
 
-The registered op cmfast::skip_out (and cmfast::skip_out_backward) runs the C++/CUDA extension, these kernels or
-PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile.
+Forward mode (JVP) along tx, tF and tsigma, one pass reading x, F and the tangents and writing the tangent once:
+    tout = c_skip tx + c_out tF + tsigma (c_skip'(sigma) x + c_out'(sigma) F),  0 where the clamp holds out at +-1,
+    c_skip' = -2 sigma_data^2 (sigma - sigma_min) / ((sigma - sigma_min)^2 + sigma_data^2)^2,
+    c_out' = sigma_data (sigma_data^2 + sigma sigma_min) / (sigma^2 + sigma_data^2)^(3/2).
+
+The registered op cmfast::skip_out (and cmfast::skip_out_backward, cmfast::skip_out_jvp) runs the C++/CUDA extension,
+these kernels or PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile. SkipOut is
+the autograd.Function over it that carries the backward and the forward-mode rule.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ._common import (
     OFFSET_LIMIT,
     compute_dtype,
     dtype_reasons,
+    ext_has_kernel,
     jit,
     memory_format,
     per_sample_numel,
@@ -119,6 +126,59 @@ def _skip_out_bwd_kernel(
     tl.store(DF + base + offs, (c_out * g).to(DF.dtype.element_ty), mask=mask)
 
 
+@jit
+def _cm_coefficient_derivatives(sigma, sigma_min, sigma_data):
+    """d c_skip / d sigma and d c_out / d sigma of the consistency function's coefficients (Appendix C)."""
+    sd2 = sigma_data * sigma_data
+    d = sigma - sigma_min
+    den = d * d + sd2
+    q = sigma * sigma + sd2
+    return -2.0 * sd2 * d / (den * den), sigma_data * (sd2 + sigma * sigma_min) / (q * tl.sqrt(q))
+
+
+@jit
+def _skip_out_jvp_kernel(
+    X,  # (B, n) forward input x, flat per sample
+    F,  # (B, n) forward input F, same layout
+    TX,  # (B, n) tangent of x; read only when HAS_TX
+    TF,  # (B, n) tangent of F; read only when HAS_TF
+    Sigma,  # (B,) noise levels, one every sigma_stride elements
+    TSigma,  # (B,) tangents of sigma, one every tsigma_stride elements; read only when HAS_TSIGMA
+    TOut,  # (B, n) tangent of the output, written once
+    n,
+    sigma_stride,
+    tsigma_stride,
+    sigma_min,
+    sigma_data,
+    HAS_TX: tl.constexpr,
+    HAS_TF: tl.constexpr,
+    HAS_TSIGMA: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    base = b.to(tl.int64) * n
+    sigma = tl.load(Sigma + b * sigma_stride).to(tl.float32)
+    c_skip, c_out = _cm_coefficients(sigma, sigma_min, sigma_data)
+    t = tl.zeros([BLOCK], tl.float32)
+    if HAS_TX:
+        t += c_skip * tl.load(TX + base + offs, mask=mask).to(tl.float32)
+    if HAS_TF:
+        t += c_out * tl.load(TF + base + offs, mask=mask).to(tl.float32)
+    if HAS_TSIGMA or CLAMP:
+        x = tl.load(X + base + offs, mask=mask).to(tl.float32)
+        f = tl.load(F + base + offs, mask=mask).to(tl.float32)
+        if HAS_TSIGMA:
+            dc_skip, dc_out = _cm_coefficient_derivatives(sigma, sigma_min, sigma_data)
+            t += tl.load(TSigma + b * tsigma_stride).to(tl.float32) * (dc_skip * x + dc_out * f)
+        if CLAMP:  # as the backward: the tangent passes where -1 < out < 1
+            out = c_skip * x + c_out * f
+            t = tl.where((out > -1.0) & (out < 1.0), t, 0.0)
+    tl.store(TOut + base + offs, t.to(TOut.dtype.element_ty), mask=mask)
+
+
 # --- 3. launchers ----------------------------------------------------------------------------------------------------
 
 
@@ -178,6 +238,34 @@ def skip_out_backward(
             CLAMP=bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return dx, dF
+
+
+def skip_out_jvp(
+    x: Tensor,
+    F: Tensor,
+    sigma: Tensor,
+    tx: Tensor | None,
+    tF: Tensor | None,
+    tsigma: Tensor | None,
+    sigma_min: float,
+    sigma_data: float,
+    clamp: bool = False,
+) -> Tensor:
+    """Launch the forward-mode kernel: the tangent of the output (x and F's promoted dtype, x's layout) along tx, tF
+    (like x and F) and tsigma (B,); a missing tangent is zero."""
+    _check(unsupported(x, F, sigma))
+    fmt = memory_format(x)
+    x, F = x.contiguous(memory_format=fmt), F.contiguous(memory_format=fmt)
+    tout = torch.empty_like(x, dtype=torch.promote_types(x.dtype, F.dtype), memory_format=fmt)
+    if tout.numel():
+        tx_, tF_ = (t.contiguous(memory_format=fmt) if t is not None else x for t in (tx, tF))
+        ts = tsigma if tsigma is not None else sigma
+        _skip_out_jvp_kernel[_grid(x)](
+            x, F, tx_, tF_, sigma, ts, tout, per_sample_numel(x), sigma.stride(0), ts.stride(0), float(sigma_min),
+            float(sigma_data), HAS_TX=tx is not None, HAS_TF=tF is not None, HAS_TSIGMA=tsigma is not None,
+            CLAMP=bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return tout
 
 
 # --- 4. registered op ------------------------------------------------------------------------------------------------
@@ -255,6 +343,94 @@ def _backward(ctx, grad):
 _skip_out_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def cm_c_skip_derivative(sigma: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
+    """d c_skip / d sigma of Appendix C's c_skip: -2 sigma_data^2 (sigma - eps) / ((sigma - eps)^2 + sigma_data^2)^2."""
+    d = sigma - sigma_min
+    return -2 * sigma_data**2 * d / (d**2 + sigma_data**2) ** 2
+
+
+def cm_c_out_derivative(sigma: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
+    """d c_out / d sigma of Appendix C's c_out: sigma_data (sigma_data^2 + sigma eps) / (sigma^2 + sigma_data^2)^1.5."""
+    return sigma_data * (sigma_data**2 + sigma * sigma_min) / (sigma**2 + sigma_data**2) ** 1.5
+
+
+def skip_out_jvp_torch(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp=False):
+    """The forward-mode rule in PyTorch (float32, float64 for float64), a missing tangent zero: the registered JVP's
+    torch implementation and the kernels' specification."""
+    out_dtype = torch.promote_types(x.dtype, F.dtype)
+    compute = compute_dtype(out_dtype)
+    s = sigma.to(compute).reshape(-1, *[1] * (x.dim() - 1))
+    xc, Fc = x.to(compute), F.to(compute)
+    tout = torch.zeros_like(xc)
+    if tx is not None:
+        tout = tout + cm_c_skip(s, sigma_min, sigma_data) * tx.to(compute)
+    if tF is not None:
+        tout = tout + cm_c_out(s, sigma_min, sigma_data) * tF.to(compute)
+    if tsigma is not None:
+        dc_skip, dc_out = cm_c_skip_derivative(s, sigma_min, sigma_data), cm_c_out_derivative(s, sigma_min, sigma_data)
+        tout = tout + tsigma.to(compute).reshape(s.shape) * (dc_skip * xc + dc_out * Fc)
+    if clamp:
+        out = cm_c_skip(s, sigma_min, sigma_data) * xc + cm_c_out(s, sigma_min, sigma_data) * Fc
+        tout = tout * ((out > -1) & (out < 1))  # as the backward
+    return tout.to(out_dtype).contiguous(memory_format=memory_format(x))
+
+
+@torch.library.custom_op("cmfast::skip_out_jvp", mutates_args=())
+def _skip_out_jvp_op(
+    x: Tensor,
+    F: Tensor,
+    sigma: Tensor,
+    tx: Tensor | None,
+    tF: Tensor | None,
+    tsigma: Tensor | None,
+    sigma_min: float,
+    sigma_data: float,
+    clamp: bool,
+    backend: str,
+) -> Tensor:
+    """The tangent of the output along tx, tF and tsigma (None: zero); backend: "ext"
+    (cmfast_ext::skip_out_jvp), "triton" or "torch"."""
+    if backend == "ext":
+        return torch.ops.cmfast_ext.skip_out_jvp(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp)
+    if backend == "triton":
+        return skip_out_jvp(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp)
+    return skip_out_jvp_torch(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp)
+
+
+@_skip_out_jvp_op.register_fake
+def _(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp, backend):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, F.dtype), memory_format=memory_format(x))
+
+
+class SkipOut(torch.autograd.Function):
+    """cmfast::skip_out with its backward (x and F) and its forward-mode rule (x, F and sigma): apply(x, F, sigma,
+    sigma_min, sigma_data, clamp, backend, jvp_backend). backend runs the forward and the backward, jvp_backend the
+    tangent (cmfast.ops chooses both; an exception there is raised when a JVP is taken)."""
+
+    @staticmethod
+    def forward(x, F, sigma, sigma_min, sigma_data, clamp, backend, jvp_backend):
+        return torch.ops.cmfast.skip_out(x, F, sigma, sigma_min, sigma_data, clamp, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, F, sigma, sigma_min, sigma_data, clamp, backend, jvp_backend = inputs
+        ctx.save_for_backward(x, F, sigma)
+        ctx.save_for_forward(x, F, sigma)
+        ctx.args, ctx.jvp_backend = (sigma_min, sigma_data, clamp, backend), jvp_backend
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_backward(ctx, grad), None)
+
+    @staticmethod
+    def jvp(ctx, tx, tF, tsigma, *_):
+        if isinstance(ctx.jvp_backend, Exception):  # the backend asked for has no forward-mode kernel here
+            raise ctx.jvp_backend
+        x, F, sigma = ctx.saved_tensors
+        sigma_min, sigma_data, clamp, _ = ctx.args
+        return torch.ops.cmfast.skip_out_jvp(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp, ctx.jvp_backend)
+
+
 def _ext_fake(x, F, sigma, sigma_min, sigma_data, clamp):
     return torch.empty_like(x, memory_format=memory_format(x))
 
@@ -263,3 +439,9 @@ def register_ext_fakes() -> None:
     """Register the fake implementation of the extension's cmfast_ext::skip_out (schema in csrc/ops.cpp), so
     torch.compile traces it; cmfast.ops calls this once, after loading the extension."""
     torch.library.register_fake("cmfast_ext::skip_out", _ext_fake)
+    if ext_has_kernel("skip_out_jvp", "cpu"):  # a cmfast._C built before the JVP has none
+        torch.library.register_fake("cmfast_ext::skip_out_jvp", _ext_jvp_fake)
+
+
+def _ext_jvp_fake(x, F, sigma, tx, tF, tsigma, sigma_min, sigma_data, clamp):
+    return torch.empty_like(x, memory_format=memory_format(x))

@@ -37,6 +37,7 @@ from ..kernels import group_norm_silu as _group_norm_silu
 from ..kernels import group_norm_silu_nhwc as _group_norm_silu_nhwc
 from ..kernels import heun_step as _heun_step
 from ..kernels import skip_out as _skip_out
+from ..kernels import trig_skip_out as _trig_skip_out
 from . import extension
 from .dispatch import BACKENDS, BackendError, Choice, choose, triton_input_reasons
 
@@ -50,6 +51,8 @@ __all__ = [
     "group_norm_silu_nhwc",
     "heun_step",
     "skip_out",
+    "trig_skip_out",
+    "trig_skip_out_jvp",
 ]
 
 
@@ -58,7 +61,8 @@ def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     Raises as the op would (BackendError when the backend asked for cannot take the inputs)."""
     prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
                "attention": _prepare_attention, "group_norm_silu_nhwc": _prepare_group_norm_silu_nhwc,
-               "group_norm_silu_jvp": _prepare_group_norm_silu_jvp}  # fmt: skip
+               "group_norm_silu_jvp": _prepare_group_norm_silu_jvp, "skip_out_jvp": _prepare_skip_out_jvp,
+               "trig_skip_out": _prepare_trig_skip_out, "trig_skip_out_jvp": _prepare_trig_skip_out_jvp}  # fmt: skip
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
@@ -288,21 +292,100 @@ def skip_out(
     from sigma in float32), optionally clamped to [-1, 1].
 
     x, F: (B, ...) of one shape, float32/bfloat16/float16; sigma: a float or (B,) noise levels. Returns the dtype
-    x and F promote to, in x's memory format. Differentiable in x and F (not in sigma).
+    x and F promote to, in x's memory format. Differentiable in x and F (not in sigma) by backward; forward mode
+    (torch.func.jvp, forward_ad) takes tangents of x, F and sigma.
     """
-    choice, sigma = _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp, backend=backend)
+    choice, sigma, jvp = _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp, backend=backend)
     if choice.backend == "torch":
         return _skip_out.skip_out_ref(x, F, sigma, sigma_min, sigma_data, clamp)
-    return torch.ops.cmfast.skip_out(x, F, sigma, float(sigma_min), float(sigma_data), clamp, choice.backend)
+    args = (x, F, sigma, float(sigma_min), float(sigma_data), clamp, choice.backend)
+    if torch.compiler.is_compiling():  # dynamo cannot trace an autograd.Function with a jvp; the op has its backward
+        return torch.ops.cmfast.skip_out(*args)
+    return _skip_out.SkipOut.apply(*args, _jvp_backend(jvp))
+
+
+def _prepare_skip_out_jvp(*args, backend, **kwargs):
+    """The backend of skip_out's forward-mode rule (the torch backend's is autograd's, on the reference)."""
+    choice, _, jvp = _prepare_skip_out(*args, backend=backend, **kwargs)
+    if isinstance(jvp, BackendError):
+        raise jvp
+    return (jvp if jvp is not None else choice,)
 
 
 def _prepare_skip_out(x, F, sigma, sigma_min, sigma_data, clamp=False, *, backend):
+    """The forward's backend, sigma as (B,), and the forward-mode kernel's backend (as for group_norm_silu)."""
     op = "skip_out"
     _check_same_shape(op, x, F=F)
     sigma = _per_sample(op, "sigma", sigma, x)
     device_type = _check_devices(op, x, F, sigma)
     reasons = {"triton": triton_input_reasons(_skip_out, x, F, sigma), "ext": extension.dtype_reasons(x, F=F)}
-    return choose(op, _skip_out, backend, device_type, reasons), sigma
+    choice = choose(op, _skip_out, backend, device_type, reasons)
+    if choice.backend == "torch":
+        return choice, sigma, None
+    return choice, sigma, _choose_jvp(op + "_jvp", _skip_out, backend, device_type, reasons)
+
+
+# --- TrigFlow skip/out -----------------------------------------------------------------------------------------------
+
+
+def trig_skip_out(
+    x: Tensor, F: Tensor, t: float | Tensor, sigma_data: float = 0.5, backend: str | None = None
+) -> Tensor:
+    """TrigFlow's consistency function from the network's raw output (sCM): cos(t) x - sin(t) sigma_data F.
+
+    x, F: (B, ...) of one shape, float32/bfloat16/float16; t: a float or (B,) TrigFlow times (in [0, pi/2]). Returns
+    the dtype x and F promote to, in x's memory format. Differentiable in x, F and t, by backward and in forward mode
+    (torch.func.jvp, forward_ad: the tangent from one fused pass)."""
+    choice, t, jvp = _prepare_trig_skip_out(x, F, t, sigma_data, backend=backend)
+    if choice.backend == "torch":
+        return _trig_skip_out.trig_skip_out_ref(x, F, t, sigma_data)
+    if torch.compiler.is_compiling():  # dynamo cannot trace an autograd.Function with a jvp; the op has its backward
+        return torch.ops.cmfast.trig_skip_out(x, F, t, float(sigma_data), choice.backend)
+    return _trig_skip_out.TrigSkipOut.apply(x, F, t, float(sigma_data), choice.backend, _jvp_backend(jvp))
+
+
+def trig_skip_out_jvp(
+    x: Tensor,
+    F: Tensor,
+    t: float | Tensor,
+    tx: Tensor | None,
+    tF: Tensor | None,
+    tt: float | Tensor | None,
+    sigma_data: float = 0.5,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(f, tf): trig_skip_out and its tangent along tx, tF (like x and F) and tt (a float or (B,); None: zero), from
+    one pass over x and F, without torch.func. Not differentiable (both are for stop-gradient targets)."""
+    op = "trig_skip_out_jvp"
+    (choice,) = _prepare_trig_skip_out_jvp(x, F, t, sigma_data, backend=backend)
+    _check_same_shape(op, x, tx=tx, tF=tF)
+    t = _per_sample(op, "t", t, x)
+    tt = _per_sample(op, "tt", tt, x) if tt is not None else None
+    _check_devices(op, x, F, t, tx, tF, tt)
+    with torch.no_grad():
+        return torch.ops.cmfast.trig_skip_out_jvp(x, F, t, tx, tF, tt, float(sigma_data), True, choice.backend)
+
+
+def _prepare_trig_skip_out_jvp(x, F, t, sigma_data=0.5, *, backend):
+    """The backend of trig_skip_out's forward-mode kernel (also what trig_skip_out_jvp runs)."""
+    choice, _, jvp = _prepare_trig_skip_out(x, F, t, sigma_data, backend=backend, jvp_for_torch=True)
+    if isinstance(jvp, BackendError):
+        raise jvp
+    return (jvp,)
+
+
+def _prepare_trig_skip_out(x, F, t, sigma_data=0.5, *, backend, jvp_for_torch=False):
+    """The forward's backend, t as (B,), and the forward-mode kernel's backend (as for group_norm_silu; chosen for the
+    torch forward too when jvp_for_torch)."""
+    op = "trig_skip_out"
+    _check_same_shape(op, x, F=F)
+    t = _per_sample(op, "t", t, x)
+    device_type = _check_devices(op, x, F, t)
+    reasons = {"triton": triton_input_reasons(_trig_skip_out, x, F, t), "ext": extension.dtype_reasons(x, F=F)}
+    choice = choose(op, _trig_skip_out, backend, device_type, reasons)
+    if choice.backend == "torch" and not jvp_for_torch:
+        return choice, t, None
+    return choice, t, _choose_jvp(op + "_jvp", _trig_skip_out, backend, device_type, reasons)
 
 
 # --- Heun step -------------------------------------------------------------------------------------------------------

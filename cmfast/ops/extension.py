@@ -1,7 +1,8 @@
 """The C++/CUDA extension cmfast._C (csrc/), the "ext" backend: loading it, and what its kernels can take.
 
 Importing cmfast._C registers the torch.ops.cmfast_ext operators (schemas in csrc/ops.cpp): CPU kernels for
-GroupNorm+SiLU (forward and backward), skip/out and the Heun step, and CUDA kernels for GroupNorm+SiLU and the
+GroupNorm+SiLU (forward, backward and JVP), skip/out (forward and JVP), TrigFlow's skip/out (forward and a one-pass
+forward with JVP) and the Heun step, and CUDA kernels for GroupNorm+SiLU and the
 inference engine's GroupNorm+SiLU with pre-adds (group_norm_silu_nhwc), both on channels_last tensors. The load
 happens once, when cmfast.ops is imported, so that torch.compile never traces it; the kernel files' fake
 implementations of those operators are registered right after.
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import group_norm_silu, group_norm_silu_nhwc, heun_step, skip_out
+from ..kernels import group_norm_silu, group_norm_silu_nhwc, heun_step, skip_out, trig_skip_out
 from ..kernels._common import KERNEL_DTYPES, ext_has_kernel
 
 OPS = (
@@ -42,7 +43,7 @@ def _load() -> tuple[str, frozenset[tuple[str, str]]]:
         from .. import _C  # noqa: F401  (importing it registers the cmfast_ext operators)
     except (ImportError, OSError) as e:
         return f"the C++/CUDA extension cmfast._C failed to load: {e}", frozenset()
-    for module in (group_norm_silu, group_norm_silu_nhwc, skip_out, heun_step):
+    for module in (group_norm_silu, group_norm_silu_nhwc, skip_out, trig_skip_out, heun_step):
         module.register_ext_fakes()
     return "", frozenset((op, device) for op in OPS for device in DEVICE_TYPES if ext_has_kernel(op, device))
 

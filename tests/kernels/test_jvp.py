@@ -16,6 +16,8 @@ import torch.autograd.forward_ad as fwAD
 
 from cmfast import ops
 from cmfast.kernels import group_norm_silu as _gn
+from cmfast.kernels import skip_out as _so
+from cmfast.kernels import trig_skip_out as _tso
 from cmfast.kernels._common import interpreted
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -173,3 +175,165 @@ def test_group_norm_silu_jvp_in_explain(group_norm_inputs):
         assert auto.backend == "ext"  # the CPU JVP kernel
     # float64 has no fused kernel: the JVP is autograd's, through the reference
     assert ops.explain("group_norm_silu_jvp", x.double(), weight, bias, 4).backend == "torch"
+
+
+# --- skip/out and TrigFlow's skip/out --------------------------------------------------------------------------------
+
+EPS, SD = 0.002, 0.5
+ELEMENTWISE_SHAPES = {"cpu": [(3, 3, 5, 7), (1, 2, 9, 11)], "cuda": [(3, 3, 65, 63), (1, 4, 128, 129)]}
+
+
+def elementwise_case(shape, dtype, device, channels_last, seed, levels):
+    """Primals (x, F, per-sample level) and random tangents for each; levels: the per-sample sigmas or times to pick
+    from (batch 1 takes the last)."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, F, tx, tF = (torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt) for _ in range(4))
+    level = torch.tensor(levels[-shape[0] :], device=device)
+    return (x, F, level), (tx, tF, torch.randn(shape[0], generator=g).to(device))
+
+
+def skip_out_fn(clamp):
+    return lambda backend: lambda x, F, sigma: ops.skip_out(x, F, sigma, EPS, SD, clamp, backend=backend)
+
+
+def trig_fn(backend):
+    return lambda x, F, t: ops.trig_skip_out(x, F, t, SD, backend=backend)
+
+
+SIGMAS = [EPS, 0.7, 20.0]  # sigma_min (c_skip 1, c_out 0), a middle one, a large one
+TIMES = [0.0, 0.7, 1.5]  # TrigFlow t: 0 (f = x), a middle one, near pi / 2
+
+
+@pytest.fixture
+def check_elementwise(poisoned_outputs, within_rule):
+    check = within_rule(FLOOR)
+
+    def run(op, shape, dtype, device, channels_last, backend, seed=0):
+        fn, levels = (trig_fn, TIMES) if op == "trig" else (skip_out_fn(op == "clamp"), SIGMAS)
+        primals, tangents = elementwise_case(shape, dtype, device, channels_last, seed, levels)
+        with poisoned_outputs():
+            out, tout = assert_jvp_within_rule(check, fn(backend), fn("torch"), primals, tangents, dtype,
+                                               f"{op} {backend} {shape} channels_last={channels_last}")  # fmt: skip
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert tout.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+    return run
+
+
+OPS = ["skip_out", "clamp", "trig"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_elementwise_jvp_triton(device, dtype, op, channels_last, check_elementwise):
+    for i, shape in enumerate(ELEMENTWISE_SHAPES[device]):
+        check_elementwise(op, shape, dtype, device, channels_last, "triton", seed=i)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_elementwise_jvp_extension(dtype, op, channels_last, check_elementwise, monkeypatch):
+    needs_extension()
+    monkeypatch.setenv("CMFAST_EXT_POISON", "1")
+    for i, shape in enumerate(ELEMENTWISE_SHAPES["cpu"]):
+        check_elementwise(op, shape, dtype, "cpu", channels_last, "ext", seed=i)
+
+
+def test_skip_out_jvp_coefficient_derivatives():
+    """The tangent along sigma alone is tsigma (c_skip'(sigma) x + c_out'(sigma) F), with the derivatives of Appendix
+    C's coefficients written out (the kernels' formulas) against central differences of the float64 reference."""
+    backends = [b for b in ("ext", "triton") if b not in ops.explain("skip_out_jvp", torch.ones(1, 2), torch.ones(1, 2),
+                                                                      1.0, EPS, SD).skipped]  # fmt: skip
+    x, F = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    sigma = torch.tensor([EPS, 0.7, 20.0], dtype=torch.float64)
+    h = 1e-6
+    fd = (ops.skip_out(x, F, sigma + h, EPS, SD, backend="torch") - ops.skip_out(x, F, sigma - h, EPS, SD)) / (2 * h)
+    for backend in backends:
+        fn = skip_out_fn(False)(backend)
+        _, tout = torch.func.jvp(lambda s, fn=fn: fn(x.float(), F.float(), s), (sigma.float(),), (torch.ones(3),))
+        torch.testing.assert_close(tout.double(), fd, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_elementwise_jvp_torch_rules(op):
+    """The registered JVP ops' PyTorch rules (the kernels' specification, written out) in float64 against autograd's
+    forward mode through the float64 references, with every tangent and with some missing."""
+    fn, levels = (trig_fn, TIMES) if op == "trig" else (skip_out_fn(op == "clamp"), SIGMAS)
+    primals, tangents = elementwise_case((3, 3, 5, 7), torch.float64, "cpu", False, 0, levels)
+    primals = (*primals[:2], primals[2].double())
+    for keep in [(0, 1, 2), (1,), (2,), (0, 2)]:
+        given = [t.double() if i in keep else None for i, t in enumerate(tangents)]
+        _, tref = jvp(fn("torch"), primals, tuple(t if t is not None else torch.zeros_like(p)
+                                                  for p, t in zip(primals, given)))  # fmt: skip
+        if op == "trig":
+            tout = _tso.trig_skip_out_jvp_torch(*primals, *given, SD)[1]
+        else:
+            tout = _so.skip_out_jvp_torch(*primals, *given, EPS, SD, op == "clamp")
+        torch.testing.assert_close(tout, tref, rtol=1e-12, atol=1e-12)
+
+
+def test_trig_skip_out_jvp_in_one_call():
+    """cmfast.ops.trig_skip_out_jvp gives f and its tangent from one pass, as torch.func.jvp does, and t = 0 gives
+    f = x exactly, with the tangent tx - tt sigma_data F."""
+    primals, tangents = elementwise_case((3, 3, 5, 7), torch.float32, "cpu", False, 0, TIMES)
+    ref, tref = jvp(trig_fn("torch"), primals, tangents, cast=torch.float64)
+    for backend in [
+        "torch",
+        *[b for b in ("ext", "triton") if b not in ops.explain("trig_skip_out_jvp", *primals).skipped],
+    ]:
+        out, tout = ops.trig_skip_out_jvp(*primals[:3], *tangents, SD, backend=backend)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tout.double(), tref, rtol=1e-5, atol=1e-5)
+        x, F, _ = primals
+        tx, tF, tt = tangents
+        assert torch.equal(out[0], x[0]), backend
+        torch.testing.assert_close(tout[0], tx[0] - tt[0] * SD * F[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="tx has shape"):
+        ops.trig_skip_out_jvp(*primals[:3], tangents[0][:1], None, None, SD)
+
+
+@pytest.mark.parametrize("op", ["skip_out", "trig"])
+def test_elementwise_forward_ad_and_backward_through_the_primal(op):
+    """forward_ad takes the same rule; a backward through torch.func.jvp's primal output gives the plain op's
+    gradients (trig_skip_out: of x, F and t; skip_out: of x and F)."""
+    fn, levels = (trig_fn, TIMES) if op == "trig" else (skip_out_fn(False), SIGMAS)
+    primals, tangents = elementwise_case((3, 3, 5, 7), torch.float32, "cpu", True, 0, levels)
+    if (
+        ops.explain(op.replace("trig", "trig_skip_out"), *primals, *([EPS, SD] if op == "skip_out" else [])).backend
+        == "torch"
+    ):
+        pytest.skip("no fused backend on this machine (no extension, no Triton interpreter)")
+    _, tref = jvp(fn("torch"), primals, tangents, cast=torch.float64)
+    with fwAD.dual_level():
+        out = fn(None)(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.double(), tref, rtol=1e-5, atol=1e-5)
+    wants = 3 if op == "trig" else 2
+    leaves = [p.detach().requires_grad_(i < wants) for i, p in enumerate(primals)]
+    out, tout = torch.func.jvp(fn(None), tuple(leaves), tangents)
+    torch.testing.assert_close(tout.double(), tref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves[:wants], g)
+    ref_leaves = [p.detach().double().requires_grad_(i < wants) for i, p in enumerate(primals)]
+    ref_grads = torch.autograd.grad(fn("torch")(*ref_leaves), ref_leaves[:wants], g.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_registered_jvp_ops_opcheck(group_norm_inputs):
+    """Schemas and fake implementations of the registered JVP ops and trig_skip_out (torch implementations)."""
+    x, weight, bias, scale, shift, _ = group_norm_inputs((2, 8, 3, 5), "scale_shift", torch.float32)
+    scale, shift = scale.reshape(2, 8), shift.reshape(2, 8)
+    _, mean, rstd = torch.ops.cmfast.group_norm_silu(x, weight, bias, scale, shift, 4, 1e-5, True, "torch")
+    ta, tt = torch.randn(2, 8), torch.randn(2, 8)
+    args = (x, torch.randn_like(x), weight, bias, scale, shift, mean, rstd, ta, tt, 4, True, "torch")
+    torch.library.opcheck(torch.ops.cmfast.group_norm_silu_jvp, args)
+    F, sigma = torch.randn_like(x), torch.tensor([0.5, 3.0])
+    torch.library.opcheck(torch.ops.cmfast.skip_out_jvp,
+                          (x, F, sigma, torch.randn_like(x), None, torch.ones(2), EPS, SD, True, "torch"))  # fmt: skip
+    torch.library.opcheck(torch.ops.cmfast.trig_skip_out, (x.requires_grad_(), F, sigma, SD, "torch"))
+    for primal in (True, False):
+        args = (x.detach(), F, sigma, None, torch.randn_like(x), sigma, SD, primal, "torch")
+        torch.library.opcheck(torch.ops.cmfast.trig_skip_out_jvp, args)
