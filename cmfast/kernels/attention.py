@@ -14,8 +14,16 @@ accumulates dV = P^T dO and dK = scale dS^T Q, one per query block accumulates d
 dS = P (dO V^T - delta). dq, dk and dv are written into one (B, 3 H D, T) tensor, the gradient of qkv.
 Any T (the tail blocks are masked) and any head dim up to 256 (padded to a power of two of at least 16, masked).
 
-The registered op cmfast::attention (and cmfast::attention_backward) runs these kernels or PyTorch, whichever backend
-cmfast.ops chose, with fake implementations for torch.compile; the C++/CUDA extension has no attention kernel.
+Forward mode (JVP) along tq, tk, tv (the tangent of qkv), one pass over the keys per query block, with P known
+exactly from the forward's lse (P = exp(S - lse), no running max) and O the forward's output:
+    tS = scale (tQ K^T + Q tK^T),  tP = P * (tS - rowsum(P * tS)),
+    tO = tP V + P tV = P tV + (P * tS) V - rowsum(P * tS) O.
+One program per (block of BLOCK_M queries, sample and head) accumulates P tV, (P * tS) V and rowsum(P * tS) over the
+key blocks in float32 and writes tO once; like the forward, the T x T matrices never exist in memory.
+
+The registered op cmfast::attention (and cmfast::attention_backward, cmfast::attention_jvp) runs these kernels or
+PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile; the C++/CUDA extension has no
+attention kernel. Attention is the autograd.Function over it that carries the backward and the forward-mode rule.
 """
 
 from __future__ import annotations
@@ -241,6 +249,61 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQKV + b.to(tl.int64) * g_b, dq * sm_scale, h * D, pid_m * BLOCK_M, T, D, g_c, g_t, BLOCK_M, BLOCK_D)
 
 
+@jit
+def _attn_jvp_kernel(
+    QKV,  # (B, 3 H D, T) forward input, as in _attn_fwd_kernel
+    TQKV,  # (B, 3 H D, T) its tangent, same channel layout, strides t_b, t_c, t_t
+    Out,  # (B, H D, T) forward output O
+    Lse,  # (B H, T) float32 from the forward
+    TOut,  # (B, H D, T) tangent of the output, strides of Out; written once
+    T,
+    H,
+    D,
+    s_b,  # qkv strides
+    s_c,
+    s_t,
+    t_b,  # tqkv strides
+    t_c,
+    t_t,
+    o_b,  # out and tout strides
+    o_c,
+    o_t,
+    sm_scale,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = QKV + b.to(tl.int64) * s_b
+    tbase = TQKV + b.to(tl.int64) * t_b
+    q, tq_pos, qmask = _tile(base, h * D, pid_m * BLOCK_M, T, D, s_c, s_t, BLOCK_M, BLOCK_D, False)
+    tq, _, _ = _tile(tbase, h * D, pid_m * BLOCK_M, T, D, t_c, t_t, BLOCK_M, BLOCK_D, False)
+    lse = tl.load(Lse + bh.to(tl.int64) * T + tq_pos, mask=qmask, other=0.0) * 1.4426950408889634
+    qk_scale = sm_scale * 1.4426950408889634
+    acc_tv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # P tV
+    acc_v = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # (P * tS) V
+    r = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * tS)
+    for start in range(0, T, BLOCK_N):
+        kT, _, kmask = _tile(base, (H + h) * D, start, T, D, s_c, s_t, BLOCK_N, BLOCK_D, True)
+        tkT, _, _ = _tile(tbase, (H + h) * D, start, T, D, t_c, t_t, BLOCK_N, BLOCK_D, True)
+        s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale
+        p = tl.where(kmask[None, :] & qmask[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        ts = (_dot(tq, kT, DOT_PRECISION, UPCAST) + _dot(q, tkT, DOT_PRECISION, UPCAST)) * sm_scale
+        pts = p * ts
+        v, _, _ = _tile(base, (2 * H + h) * D, start, T, D, s_c, s_t, BLOCK_N, BLOCK_D, False)
+        tv, _, _ = _tile(tbase, (2 * H + h) * D, start, T, D, t_c, t_t, BLOCK_N, BLOCK_D, False)
+        acc_tv += _dot(p.to(tv.dtype), tv, DOT_PRECISION, UPCAST)
+        acc_v += _dot(pts.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        r += tl.sum(pts, 1)
+    obase = b.to(tl.int64) * o_b
+    o, _, _ = _tile(Out + obase, h * D, pid_m * BLOCK_M, T, D, o_c, o_t, BLOCK_M, BLOCK_D, False)
+    tout = acc_tv + acc_v - r[:, None] * o.to(tl.float32)
+    _store_tile(TOut + obase, tout, h * D, pid_m * BLOCK_M, T, D, o_c, o_t, BLOCK_M, BLOCK_D)
+
+
 # --- 3. launchers ----------------------------------------------------------------------------------------------------
 
 
@@ -331,6 +394,25 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     return dqkv
 
 
+def attention_jvp(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int) -> Tensor:
+    """Launch the forward-mode kernel: the tangent of the output, (B, H D, T) in qkv's dtype with out's strides,
+    along tqkv (like qkv, any strides), from the forward's output out and float32 (B, H, T) lse."""
+    _check(qkv, num_heads)
+    B, width, T = qkv.shape
+    H, D = num_heads, width // (3 * num_heads)
+    out = out.contiguous()
+    tout = torch.empty_like(out)
+    if tout.numel() == 0:
+        return tout
+    meta = _meta(qkv, D)
+    tqkv = tqkv.to(qkv.dtype)
+    _attn_jvp_kernel[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        qkv, tqkv, out, lse.contiguous(), tout, T, H, D, *qkv.stride(), *tqkv.stride(), *out.stride(),
+        D**-0.5, **meta,
+    )  # fmt: skip
+    return tout
+
+
 # --- 4. registered op ------------------------------------------------------------------------------------------------
 
 
@@ -389,6 +471,37 @@ def _(dout, qkv, out, lse, num_heads, backend):
     return qkv.new_empty(qkv.shape)
 
 
+def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int) -> Tensor:
+    """The kernel's forward-mode rule in PyTorch (float32, float64 for float64), materializing the T x T scores: the
+    registered JVP's torch implementation and the kernel's specification."""
+    compute = compute_dtype(qkv.dtype)
+    B, width, T = qkv.shape
+    H, D = num_heads, width // (3 * num_heads)
+    q, k, v = qkv.to(compute).reshape(B, 3, H, D, T).unbind(1)  # (B, H, D, T)
+    tq, tk, tv = tqkv.to(compute).reshape(B, 3, H, D, T).unbind(1)
+    p = torch.exp(torch.einsum("bhdi,bhdj->bhij", q, k) * D**-0.5 - lse.to(compute)[..., None])
+    ts = (torch.einsum("bhdi,bhdj->bhij", tq, k) + torch.einsum("bhdi,bhdj->bhij", q, tk)) * D**-0.5
+    pts = p * ts
+    o = out.to(compute).reshape(B, H, D, T)
+    tout = (
+        torch.einsum("bhij,bhdj->bhdi", p, tv) + torch.einsum("bhij,bhdj->bhdi", pts, v) - pts.sum(-1)[:, :, None] * o
+    )
+    return tout.reshape(B, H * D, T).to(qkv.dtype)
+
+
+@torch.library.custom_op("cmfast::attention_jvp", mutates_args=())
+def _attention_jvp_op(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
+    """The tangent of the output along tqkv, (B, H D, T) in qkv's dtype; backend: "triton" or "torch"."""
+    if backend == "triton":
+        return attention_jvp(qkv, tqkv, out, lse, num_heads)
+    return attention_jvp_torch(qkv, tqkv, out, lse, num_heads)
+
+
+@_attention_jvp_op.register_fake
+def _(qkv, tqkv, out, lse, num_heads, backend):
+    return out.new_empty(out.shape)
+
+
 def _setup_context(ctx, inputs, output):
     qkv, num_heads, backend = inputs
     out, lse = output
@@ -402,3 +515,33 @@ def _backward(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Attention(torch.autograd.Function):
+    """cmfast::attention with its backward and its forward-mode rule: apply(qkv, num_heads, backend, jvp_backend) ->
+    (out, lse), lse not differentiable. backend runs the forward and the backward, jvp_backend the tangent (cmfast.ops
+    chooses both; an exception there is raised when a JVP is taken)."""
+
+    @staticmethod
+    def forward(qkv, num_heads, backend, jvp_backend):
+        return torch.ops.cmfast.attention(qkv, num_heads, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, num_heads, backend, jvp_backend = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.save_for_forward(qkv, out, lse)
+        ctx.num_heads, ctx.backend, ctx.jvp_backend = num_heads, backend, jvp_backend
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (*_backward(ctx, dout, dlse), None)
+
+    @staticmethod
+    def jvp(ctx, tqkv, *_):
+        if isinstance(ctx.jvp_backend, Exception):  # the backend asked for has no forward-mode kernel here
+            raise ctx.jvp_backend
+        qkv, out, lse = ctx.saved_tensors
+        return torch.ops.cmfast.attention_jvp(qkv, tqkv, out, lse, ctx.num_heads, ctx.jvp_backend), None

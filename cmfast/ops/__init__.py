@@ -62,7 +62,8 @@ def explain(op: str, *args, backend: str | None = None, **kwargs) -> Choice:
     prepare = {"group_norm_silu": _prepare_group_norm_silu, "skip_out": _prepare_skip_out, "heun_step": _prepare_heun,
                "attention": _prepare_attention, "group_norm_silu_nhwc": _prepare_group_norm_silu_nhwc,
                "group_norm_silu_jvp": _prepare_group_norm_silu_jvp, "skip_out_jvp": _prepare_skip_out_jvp,
-               "trig_skip_out": _prepare_trig_skip_out, "trig_skip_out_jvp": _prepare_trig_skip_out_jvp}  # fmt: skip
+               "trig_skip_out": _prepare_trig_skip_out, "trig_skip_out_jvp": _prepare_trig_skip_out_jvp,
+               "attention_jvp": _prepare_attention_jvp}  # fmt: skip
     if op not in prepare:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(prepare)}")
     return prepare[op](*args, backend=backend, **kwargs)[0]
@@ -442,13 +443,24 @@ def attention(qkv: Tensor, num_heads: int, backend: str | None = None) -> Tensor
     (softmax statistics in float32), any strides. Returns (B, H D, T) in qkv's dtype, channels (head, d).
     Differentiable in qkv. The Triton backend is flash-style: it never holds the T x T scores.
     """
-    (choice,) = _prepare_attention(qkv, num_heads, backend=backend)
+    choice, jvp = _prepare_attention(qkv, num_heads, backend=backend)
     if choice.backend == "torch":
         return _attention.attention_ref(qkv, num_heads)
-    return torch.ops.cmfast.attention(qkv, num_heads, choice.backend)[0]
+    if torch.compiler.is_compiling():  # dynamo cannot trace an autograd.Function with a jvp; the op has its backward
+        return torch.ops.cmfast.attention(qkv, num_heads, choice.backend)[0]
+    return _attention.Attention.apply(qkv, num_heads, choice.backend, _jvp_backend(jvp))[0]
+
+
+def _prepare_attention_jvp(*args, backend, **kwargs):
+    """The backend of attention's forward-mode rule (the torch backend's is autograd's, on the reference)."""
+    choice, jvp = _prepare_attention(*args, backend=backend, **kwargs)
+    if isinstance(jvp, BackendError):
+        raise jvp
+    return (jvp if jvp is not None else choice,)
 
 
 def _prepare_attention(qkv, num_heads, *, backend):
+    """The forward's backend and the forward-mode kernel's (as for group_norm_silu)."""
     op = "attention"
     if qkv.dim() != 3:
         raise ValueError(f"{op}: qkv must be (B, 3 heads head_dim, T), got shape {tuple(qkv.shape)}")
@@ -457,4 +469,8 @@ def _prepare_attention(qkv, num_heads, *, backend):
     if num_heads < 1 or qkv.shape[1] % (3 * num_heads) or qkv.shape[1] == 0:
         raise ValueError(f"{op}: {qkv.shape[1]} channels do not split into (3, {num_heads} heads, head_dim)")
     device_type = _check_devices(op, qkv)
-    return (choose(op, _attention, backend, device_type, {"triton": triton_input_reasons(_attention, qkv, num_heads)}),)
+    reasons = {"triton": triton_input_reasons(_attention, qkv, num_heads)}
+    choice = choose(op, _attention, backend, device_type, reasons)
+    if choice.backend == "torch":
+        return choice, None
+    return choice, _choose_jvp(op + "_jvp", _attention, backend, device_type, reasons)

@@ -13,8 +13,10 @@ import os
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmfast import ops
+from cmfast.kernels import attention as _attn
 from cmfast.kernels import group_norm_silu as _gn
 from cmfast.kernels import skip_out as _so
 from cmfast.kernels import trig_skip_out as _tso
@@ -337,3 +339,72 @@ def test_registered_jvp_ops_opcheck(group_norm_inputs):
     for primal in (True, False):
         args = (x.detach(), F, sigma, None, torch.randn_like(x), sigma, SD, primal, "torch")
         torch.library.opcheck(torch.ops.cmfast.trig_skip_out_jvp, args)
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+
+# (B, heads, head_dim, T): head dims and T not powers of two or multiples of the blocks, batch 1 and 3
+ATTN_SHAPES = {"cpu": [(3, 2, 24, 37), (1, 1, 40, 70)], "cuda": [(3, 4, 64, 1000), (1, 2, 96, 333), (2, 1, 256, 257)]}
+
+
+def attention_case(shape, dtype, device, seed=0, strided=False):
+    """qkv (B, 3 H D, T) with peaked softmaxes (scores of std ~2) and a random tangent; strided: both as a
+    (B, T, 3 H D) tensor's transpose."""
+    B, H, D, T = shape
+    g = torch.Generator().manual_seed(seed)
+    qkv, tqkv = (1.4 * torch.randn(B, T, 3 * H * D, generator=g) for _ in range(2))
+    qkv, tqkv = (t.to(device, dtype).transpose(1, 2) for t in (qkv, tqkv))
+    if not strided:
+        qkv, tqkv = qkv.contiguous(), tqkv.contiguous()
+
+    def fn(backend):
+        def attention(qkv):
+            if backend != "torch":
+                return ops.attention(qkv, H, backend=backend)
+            with sdpa_kernel(SDPBackend.MATH):  # SDPA's fused kernels (CPU flash, CUDA) have no forward mode
+                return ops.attention(qkv, H, backend=backend)
+
+        return attention
+
+    return (qkv,), (tqkv,), fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_attention_jvp_triton(device, dtype, strided, poisoned_outputs, within_rule):
+    check = within_rule(FLOOR)
+    for i, shape in enumerate(ATTN_SHAPES[device]):
+        primals, tangents, fn = attention_case(shape, dtype, device, i, strided)
+        with poisoned_outputs():
+            assert_jvp_within_rule(check, fn("triton"), fn("torch"), primals, tangents, dtype,
+                                   f"attention {shape} strided={strided}")  # fmt: skip
+
+
+def test_attention_jvp_torch_rule():
+    """The registered JVP op's PyTorch rule (the kernel's specification: P from lse, tO = P tV + (P * tS) V -
+    rowsum(P * tS) O) in float64 against autograd's forward mode through the float64 reference."""
+    (qkv,), (tqkv,), fn = attention_case((3, 2, 24, 37), torch.float64, "cpu")
+    out, lse = torch.ops.cmfast.attention(qkv, 2, "torch")
+    _, tref = jvp(fn("torch"), (qkv,), (tqkv,))
+    torch.testing.assert_close(_attn.attention_jvp_torch(qkv, tqkv, out, lse, 2), tref, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.cmfast.attention_jvp, (qkv.float(), tqkv.float(), out.float(), lse.float(), 2,
+                                                           "torch"))  # fmt: skip
+
+
+def test_attention_forward_ad_and_backward_through_the_primal():
+    if not interpreted(_attn):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    primals, tangents, fn = attention_case((1, 2, 24, 37), torch.float32, "cpu")
+    _, tref = jvp(fn("torch"), primals, tangents, cast=torch.float64)
+    with fwAD.dual_level():
+        out = fn("triton")(fwAD.make_dual(primals[0], tangents[0]))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.double(), tref, rtol=1e-4, atol=1e-5)
+    leaf = primals[0].detach().requires_grad_()
+    out, tout = torch.func.jvp(fn("triton"), (leaf,), tangents)
+    torch.testing.assert_close(tout.double(), tref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, leaf, g)
+    ref_leaf = primals[0].detach().double().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(fn("torch")(ref_leaf), ref_leaf, g.double())
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    assert ops.explain("attention_jvp", *primals, 2).backend == "triton"
