@@ -113,7 +113,7 @@ def test_group_norm_silu_jvp_triton_split(device, form, monkeypatch, check_gn):
     monkeypatch.setattr(_gn, "MAX_FUSED_BWD", 64)
     monkeypatch.setattr(_gn, "CHUNK", 64)
     assert _gn._plan(3, 99, 64)[2] == 7
-    check_gn((3, 24, 9, 11, 8), form, torch.float32, device, form == "norm", "triton")
+    check_gn((1, 24, 9, 11, 8), form, torch.float32, device, form == "norm", "triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
