@@ -405,6 +405,10 @@ def attention_jvp(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads
     if tout.numel() == 0:
         return tout
     meta = _meta(qkv, D)
+    # four tiles stream per key block (k, tk, v, tv), twice the forward's: fewer pipeline stages keep the prefetched
+    # ones within shared memory (one stage for float32 heads above 64)
+    wide = qkv.element_size() == 4 and meta["BLOCK_D"] > 64
+    meta["num_stages"] = 1 if wide else max(1, meta["num_stages"] - 1)
     tqkv = tqkv.to(qkv.dtype)
     _attn_jvp_kernel[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         qkv, tqkv, out, lse.contiguous(), tout, T, H, D, *qkv.stride(), *tqkv.stride(), *out.stride(),

@@ -154,6 +154,7 @@ def _skip_out_jvp_kernel(
     HAS_TF: tl.constexpr,
     HAS_TSIGMA: tl.constexpr,
     CLAMP: tl.constexpr,
+    LOAD_XF: tl.constexpr,  # HAS_TSIGMA or CLAMP: x and F are read
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1)
@@ -167,7 +168,7 @@ def _skip_out_jvp_kernel(
         t += c_skip * tl.load(TX + base + offs, mask=mask).to(tl.float32)
     if HAS_TF:
         t += c_out * tl.load(TF + base + offs, mask=mask).to(tl.float32)
-    if HAS_TSIGMA or CLAMP:
+    if LOAD_XF:
         x = tl.load(X + base + offs, mask=mask).to(tl.float32)
         f = tl.load(F + base + offs, mask=mask).to(tl.float32)
         if HAS_TSIGMA:
@@ -263,7 +264,7 @@ def skip_out_jvp(
         _skip_out_jvp_kernel[_grid(x)](
             x, F, tx_, tF_, sigma, ts, tout, per_sample_numel(x), sigma.stride(0), ts.stride(0), float(sigma_min),
             float(sigma_data), HAS_TX=tx is not None, HAS_TF=tF is not None, HAS_TSIGMA=tsigma is not None,
-            CLAMP=bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            CLAMP=bool(clamp), LOAD_XF=tsigma is not None or bool(clamp), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return tout
 

@@ -82,6 +82,7 @@ def _trig_skip_out_kernel(
     HAS_TX: tl.constexpr,
     HAS_TF: tl.constexpr,
     HAS_TT: tl.constexpr,
+    LOAD_XF: tl.constexpr,  # WRITE_OUT or HAS_TT: x and F are read
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1)
@@ -90,7 +91,7 @@ def _trig_skip_out_kernel(
     base = b.to(tl.int64) * n
     t = tl.load(T + b * t_stride).to(tl.float32)
     cos_t, sin_t = tl.cos(t), tl.sin(t)
-    if WRITE_OUT or HAS_TT:
+    if LOAD_XF:
         x = tl.load(X + base + offs, mask=mask).to(tl.float32)
         f = tl.load(F + base + offs, mask=mask).to(tl.float32)
     if WRITE_OUT:
@@ -146,7 +147,8 @@ def trig_skip_out_forward(
         _trig_skip_out_kernel[(triton.cdiv(per_sample_numel(x), BLOCK), x.shape[0])](
             x, F, t, tx_, tF_, tt_, out if primal else x, tout if tangent else x, per_sample_numel(x), t.stride(0),
             tt_.stride(0), float(sigma_data), WRITE_OUT=primal, TANGENT=tangent, HAS_TX=tx is not None,
-            HAS_TF=tF is not None, HAS_TT=tt is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            HAS_TF=tF is not None, HAS_TT=tt is not None, LOAD_XF=primal or tt is not None, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return out, tout
 
