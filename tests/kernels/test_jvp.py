@@ -408,3 +408,21 @@ def test_attention_forward_ad_and_backward_through_the_primal():
     (ref_grad,) = torch.autograd.grad(fn("torch")(ref_leaf), ref_leaf, g.double())
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
     assert ops.explain("attention_jvp", *primals, 2).backend == "triton"
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_torch_compile_traces_trig_skip_out_and_its_backward(backend):
+    """Under torch.compile the op is called without its autograd.Function (dynamo cannot trace a custom jvp): one
+    graph, the values and gradients (x, F and t) of eager."""
+    if backend == "ext":
+        needs_extension()
+    elif not interpreted(_tso):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    (x, F, t), _ = elementwise_case((3, 3, 5, 7), torch.float32, "cpu", True, 0, TIMES)
+    leaves = [v.detach().requires_grad_() for v in (x, F, t)]
+    compiled = torch.compile(trig_fn(backend), backend="aot_eager", fullgraph=True)
+    out, eager = compiled(*leaves), trig_fn(backend)(*leaves)
+    torch.testing.assert_close(out, eager)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(eager, leaves, g)):
+        torch.testing.assert_close(a, b)
