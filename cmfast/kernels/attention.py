@@ -15,11 +15,13 @@ dS = P (dO V^T - delta). dq, dk and dv are written into one (B, 3 H D, T) tensor
 Any T (the tail blocks are masked) and any head dim up to 256 (padded to a power of two of at least 16, masked).
 
 Forward mode (JVP) along tq, tk, tv (the tangent of qkv), one pass over the keys per query block, with P known
-exactly from the forward's lse (P = exp(S - lse), no running max) and O the forward's output:
+exactly from the forward's lse (P = exp(S - lse), no running max):
     tS = scale (tQ K^T + Q tK^T),  tP = P * (tS - rowsum(P * tS)),
     tO = tP V + P tV = P tV + (P * tS) V - rowsum(P * tS) O.
-One program per (block of BLOCK_M queries, sample and head) accumulates P tV, (P * tS) V and rowsum(P * tS) over the
-key blocks in float32 and writes tO once; like the forward, the T x T matrices never exist in memory.
+One program per (block of BLOCK_M queries, sample and head) accumulates P tV, (P * tS) V, rowsum(P * tS) and O = P V
+over the key blocks in float32 and writes tO once; like the forward, the T x T matrices never exist in memory. O is
+recomputed rather than read because rowsum(P * tS) O must cancel against (P * tS) V to float32 accuracy (the stored O
+is rounded to qkv's dtype); for 16-bit inputs P and P * tS enter the products as two-term sums for the same reason.
 
 The registered op cmfast::attention (and cmfast::attention_backward, cmfast::attention_jvp) runs these kernels or
 PyTorch, whichever backend cmfast.ops chose, with fake implementations for torch.compile; the C++/CUDA extension has no
@@ -253,9 +255,8 @@ def _attn_bwd_dq_kernel(
 def _attn_jvp_kernel(
     QKV,  # (B, 3 H D, T) forward input, as in _attn_fwd_kernel
     TQKV,  # (B, 3 H D, T) its tangent, same channel layout, strides t_b, t_c, t_t
-    Out,  # (B, H D, T) forward output O
     Lse,  # (B H, T) float32 from the forward
-    TOut,  # (B, H D, T) tangent of the output, strides of Out; written once
+    TOut,  # (B, H D, T) tangent of the output; written once
     T,
     H,
     D,
@@ -265,12 +266,13 @@ def _attn_jvp_kernel(
     t_b,  # tqkv strides
     t_c,
     t_t,
-    o_b,  # out and tout strides
+    o_b,  # tout strides
     o_c,
     o_t,
     sm_scale,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,  # 16-bit inputs: P and P * tS as two-term sums in the products
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -286,6 +288,7 @@ def _attn_jvp_kernel(
     acc_tv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # P tV
     acc_v = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # (P * tS) V
     r = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * tS)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # O again, in float32
     for start in range(0, T, BLOCK_N):
         kT, _, kmask = _tile(base, (H + h) * D, start, T, D, s_c, s_t, BLOCK_N, BLOCK_D, True)
         tkT, _, _ = _tile(tbase, (H + h) * D, start, T, D, t_c, t_t, BLOCK_N, BLOCK_D, True)
@@ -295,12 +298,23 @@ def _attn_jvp_kernel(
         pts = p * ts
         v, _, _ = _tile(base, (2 * H + h) * D, start, T, D, s_c, s_t, BLOCK_N, BLOCK_D, False)
         tv, _, _ = _tile(tbase, (2 * H + h) * D, start, T, D, t_c, t_t, BLOCK_N, BLOCK_D, False)
-        acc_tv += _dot(p.to(tv.dtype), tv, DOT_PRECISION, UPCAST)
-        acc_v += _dot(pts.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        # P and P * tS enter the products rounded to v's dtype; for 16-bit inputs their rounding remainders go
+        # through a second product (two-term split), since rowsum(P * tS) O must cancel against (P * tS) V and P V
+        # to float32 accuracy: one rounding of P or P * tS (or the stored O) there costs 4x PyTorch's error in bf16
+        p_hi = p.to(v.dtype)
+        pts_hi = pts.to(v.dtype)
+        acc_tv += _dot(p_hi, tv, DOT_PRECISION, UPCAST)
+        acc_o += _dot(p_hi, v, DOT_PRECISION, UPCAST)
+        acc_v += _dot(pts_hi, v, DOT_PRECISION, UPCAST)
+        if SPLIT:
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            pts_lo = (pts - pts_hi.to(tl.float32)).to(v.dtype)
+            acc_tv += _dot(p_lo, tv, DOT_PRECISION, UPCAST)
+            acc_o += _dot(p_lo, v, DOT_PRECISION, UPCAST)
+            acc_v += _dot(pts_lo, v, DOT_PRECISION, UPCAST)
         r += tl.sum(pts, 1)
     obase = b.to(tl.int64) * o_b
-    o, _, _ = _tile(Out + obase, h * D, pid_m * BLOCK_M, T, D, o_c, o_t, BLOCK_M, BLOCK_D, False)
-    tout = acc_tv + acc_v - r[:, None] * o.to(tl.float32)
+    tout = acc_tv + acc_v - r[:, None] * acc_o
     _store_tile(TOut + obase, tout, h * D, pid_m * BLOCK_M, T, D, o_c, o_t, BLOCK_M, BLOCK_D)
 
 
@@ -394,14 +408,13 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     return dqkv
 
 
-def attention_jvp(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int) -> Tensor:
-    """Launch the forward-mode kernel: the tangent of the output, (B, H D, T) in qkv's dtype with out's strides,
-    along tqkv (like qkv, any strides), from the forward's output out and float32 (B, H, T) lse."""
+def attention_jvp(qkv: Tensor, tqkv: Tensor, lse: Tensor, num_heads: int) -> Tensor:
+    """Launch the forward-mode kernel: the tangent of the output, (B, H D, T) in qkv's dtype, along tqkv (like qkv,
+    any strides), from the forward's float32 (B, H, T) lse."""
     _check(qkv, num_heads)
     B, width, T = qkv.shape
     H, D = num_heads, width // (3 * num_heads)
-    out = out.contiguous()
-    tout = torch.empty_like(out)
+    tout = torch.empty((B, H * D, T), dtype=qkv.dtype, device=qkv.device)
     if tout.numel() == 0:
         return tout
     meta = _meta(qkv, D)
@@ -411,8 +424,8 @@ def attention_jvp(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads
     meta["num_stages"] = 1 if wide else max(1, meta["num_stages"] - 1)
     tqkv = tqkv.to(qkv.dtype)
     _attn_jvp_kernel[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        qkv, tqkv, out, lse.contiguous(), tout, T, H, D, *qkv.stride(), *tqkv.stride(), *out.stride(),
-        D**-0.5, **meta,
+        qkv, tqkv, lse.contiguous(), tout, T, H, D, *qkv.stride(), *tqkv.stride(), *tout.stride(), D**-0.5,
+        SPLIT=qkv.element_size() == 2, **meta,
     )  # fmt: skip
     return tout
 
@@ -497,7 +510,7 @@ def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num
 def _attention_jvp_op(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
     """The tangent of the output along tqkv, (B, H D, T) in qkv's dtype; backend: "triton" or "torch"."""
     if backend == "triton":
-        return attention_jvp(qkv, tqkv, out, lse, num_heads)
+        return attention_jvp(qkv, tqkv, lse, num_heads)
     return attention_jvp_torch(qkv, tqkv, out, lse, num_heads)
 
 
