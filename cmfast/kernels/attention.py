@@ -488,9 +488,9 @@ def _(dout, qkv, out, lse, num_heads, backend):
     return qkv.new_empty(qkv.shape)
 
 
-def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int) -> Tensor:
-    """The kernel's forward-mode rule in PyTorch (float32, float64 for float64), materializing the T x T scores: the
-    registered JVP's torch implementation and the kernel's specification."""
+def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, lse: Tensor, num_heads: int) -> Tensor:
+    """The kernel's forward-mode rule in PyTorch (float32, float64 for float64), materializing the T x T scores and
+    recomputing O = P V: the registered JVP's torch implementation and the kernel's specification."""
     compute = compute_dtype(qkv.dtype)
     B, width, T = qkv.shape
     H, D = num_heads, width // (3 * num_heads)
@@ -499,7 +499,7 @@ def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num
     p = torch.exp(torch.einsum("bhdi,bhdj->bhij", q, k) * D**-0.5 - lse.to(compute)[..., None])
     ts = (torch.einsum("bhdi,bhdj->bhij", tq, k) + torch.einsum("bhdi,bhdj->bhij", q, tk)) * D**-0.5
     pts = p * ts
-    o = out.to(compute).reshape(B, H, D, T)
+    o = torch.einsum("bhij,bhdj->bhdi", p, v)
     tout = (
         torch.einsum("bhij,bhdj->bhdi", p, tv) + torch.einsum("bhij,bhdj->bhdi", pts, v) - pts.sum(-1)[:, :, None] * o
     )
@@ -507,16 +507,17 @@ def attention_jvp_torch(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num
 
 
 @torch.library.custom_op("cmfast::attention_jvp", mutates_args=())
-def _attention_jvp_op(qkv: Tensor, tqkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
+def _attention_jvp_op(qkv: Tensor, tqkv: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
     """The tangent of the output along tqkv, (B, H D, T) in qkv's dtype; backend: "triton" or "torch"."""
     if backend == "triton":
         return attention_jvp(qkv, tqkv, lse, num_heads)
-    return attention_jvp_torch(qkv, tqkv, out, lse, num_heads)
+    return attention_jvp_torch(qkv, tqkv, lse, num_heads)
 
 
 @_attention_jvp_op.register_fake
-def _(qkv, tqkv, out, lse, num_heads, backend):
-    return out.new_empty(out.shape)
+def _(qkv, tqkv, lse, num_heads, backend):
+    B, width, T = qkv.shape
+    return qkv.new_empty((B, width // 3, T))
 
 
 def _setup_context(ctx, inputs, output):
@@ -549,7 +550,7 @@ class Attention(torch.autograd.Function):
         out, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(qkv, out, lse)
-        ctx.save_for_forward(qkv, out, lse)
+        ctx.save_for_forward(qkv, lse)
         ctx.num_heads, ctx.backend, ctx.jvp_backend = num_heads, backend, jvp_backend
 
     @staticmethod
@@ -560,5 +561,5 @@ class Attention(torch.autograd.Function):
     def jvp(ctx, tqkv, *_):
         if isinstance(ctx.jvp_backend, Exception):  # the backend asked for has no forward-mode kernel here
             raise ctx.jvp_backend
-        qkv, out, lse = ctx.saved_tensors
-        return torch.ops.cmfast.attention_jvp(qkv, tqkv, out, lse, ctx.num_heads, ctx.jvp_backend), None
+        qkv, lse = ctx.saved_tensors
+        return torch.ops.cmfast.attention_jvp(qkv, tqkv, lse, ctx.num_heads, ctx.jvp_backend), None
