@@ -1,5 +1,6 @@
 """The fused ops and their dispatch: GroupNorm+SiLU (and group_norm_silu_nhwc, its channels_last inference form on
-x + pre_add + alpha residual), attention, the skip/out combination and the Heun step.
+x + pre_add + alpha residual), attention, the skip/out combination, TrigFlow's skip/out (trig_skip_out, and
+trig_skip_out_jvp: its value and tangent from one pass) and the Heun step.
 
 Every op takes backend=None|"ext"|"triton"|"torch". With None, the first backend that can take the inputs runs, in the
 order ext (the C++/CUDA extension cmfast._C: CPU kernels for every op but attention and group_norm_silu_nhwc, and CUDA
@@ -13,10 +14,10 @@ former name, still selects "ext", with a DeprecationWarning.
 The torch backend is the plain reference (`cmfast.kernels.<op>.<op>_ref`, the networks' and samplers' own math, e.g.
 ADM's GroupNorm32), differentiated by autograd and fused by torch.compile. The fused backends run through the custom
 ops that the kernel files register with torch.library (cmfast::group_norm_silu, cmfast::skip_out, cmfast::heun_step,
-cmfast::attention and the backwards), with fake implementations, so torch.compile traces models that use them. The
-backend is an argument of those ops; their "torch" implementation lets `torch.library.opcheck` check the registration
-on any machine. This package checks the arguments, chooses the backend (dispatch.py) and loads the extension
-(extension.py).
+cmfast::attention, cmfast::trig_skip_out, the backwards and the JVPs), with fake implementations, so torch.compile
+traces models that use them. The backend is an argument of those ops; their "torch" implementation lets
+`torch.library.opcheck` check the registration on any machine. This package checks the arguments, chooses the
+backend (dispatch.py) and loads the extension (extension.py).
 
 Forward mode: torch.func.jvp and torch.autograd.forward_ad run through every differentiable op. The fused backends'
 calls go through an autograd.Function per op (in its kernel file) that holds the backward and a forward-mode rule whose
