@@ -14,6 +14,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from . import trigflow
+
 # --- coefficients: small pure functions named as in the paper -------------------------------------------------------
 
 
@@ -78,9 +80,23 @@ class _Preconditioned(nn.Module):
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
         config = getattr(net, "config", None)
-        self.noise_cond = noise_cond or getattr(config, "noise_cond", "edm")
-        c_noise(torch.ones(1), self.noise_cond)  # validate early
+        self.noise_cond = noise_cond or self.default_noise_cond(config)
+        self.check_noise_cond(self.noise_cond)
         self.autocast_dtype = autocast_dtype
+
+    @staticmethod
+    def default_noise_cond(config) -> str:
+        return getattr(config, "noise_cond", "edm")
+
+    @staticmethod
+    def check_noise_cond(noise_cond: str) -> None:
+        c_noise(torch.ones(1), noise_cond)  # validate early
+
+    @property
+    def boundary(self) -> float:
+        """The noise level where the model is the identity (EDM's coefficients: 0): the floor of Algorithm 1's
+        re-noising sqrt(sigma^2 - boundary^2)."""
+        return 0.0
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -152,6 +168,10 @@ class ConsistencyModel(_Preconditioned):
     # sigma, sigma_min, sigma_data), differentiable in x and F, that combines instead (the trainer's --fused)
     skip_out_op = None
 
+    @property
+    def boundary(self) -> float:
+        return self.sigma_min
+
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         return cm_c_skip(sigma, self.sigma_min, self.sigma_data), cm_c_out(sigma, self.sigma_min, self.sigma_data)
 
@@ -161,7 +181,100 @@ class ConsistencyModel(_Preconditioned):
         return self.skip_out_op(x, F_x, sigma, self.sigma_min, self.sigma_data)
 
 
-MODEL_KINDS: dict[str, type[_Preconditioned]] = {"cm": ConsistencyModel, "edm": EDMDenoiser}
+TRIGFLOW_TIME_CONDS = ("t", "edm", "adm")
+
+
+class TrigFlowModel(_Preconditioned):
+    """The TrigFlow consistency function of sCM (Lu & Song 2025), f(x_t, t) = cos(t) x_t - sin(t) sigma_d F.
+
+    Called like the other models, in EDM coordinates: forward(x, sigma, class_labels) -> x0 with t = arctan(sigma /
+    sigma_d) and x_t = cos(t) x (see cmfast.trigflow), so Algorithm 1 and every sampler take it unchanged; f is the
+    identity at sigma = 0 (`boundary`). forward(x_t, t, class_labels, raw=True) gives the backbone's F(x_t / sigma_d,
+    c_noise(t)) in TrigFlow coordinates instead (what the sCM loss differentiates), and with return_logvar=True also
+    the adaptive weighting's log-variance (B,) from the network's logvar head.
+
+    noise_cond chooses c_noise(t) and F:
+    - "t": c_noise(t) = t (the network's time_scale multiplies it before its embedding), F = the network's output;
+    - "edm" / "adm": c_noise of EDM's sigma = sigma_d tan t as the EDM teachers take it, and F = -(network output):
+      exactly EDM's preconditioning (c_in = cos t / sigma_d, c_skip = cos^2 t, c_out = sigma_d sin t), so a student
+      initialised with an EDM teacher's weights starts as the teacher's denoiser.
+    """
+
+    kind = "trigflow"
+    # None: combine in this file's float32 arithmetic; or a function with cmfast.ops.trig_skip_out's arguments (x, F,
+    # t, sigma_data), differentiable in x and F, that combines instead (the fused path)
+    skip_out_op = None
+
+    @staticmethod
+    def default_noise_cond(config) -> str:
+        return "t"
+
+    @staticmethod
+    def check_noise_cond(noise_cond: str) -> None:
+        if noise_cond not in TRIGFLOW_TIME_CONDS:
+            raise ValueError(f"unknown TrigFlow noise_cond {noise_cond!r}; expected one of {TRIGFLOW_TIME_CONDS}")
+
+    def forward(
+        self,
+        x: Tensor,
+        sigma: float | Tensor,
+        class_labels: Tensor | None = None,
+        raw: bool = False,
+        return_logvar: bool = False,
+    ):
+        """x: (B, C, H, W); sigma: a float or (B,). Default: EDM coordinates (x at noise level sigma) -> f, the x0
+        estimate. raw=True: x is x_t and sigma is t (TrigFlow coordinates) -> F (and the logvar when asked)."""
+        if raw:
+            x_t, t = self._inputs(x, sigma)
+            return self.trig_network_output(x_t, t, class_labels, return_logvar)
+        x, sigma = self._inputs(x, sigma)
+        t = trigflow.t_from_sigma(sigma, self.sigma_data)
+        x_t = trigflow.trigflow_from_edm(x, t)
+        return self.combine(x_t, self.trig_network_output(x_t, t, class_labels), t)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        """The backbone's time input: t itself, or EDM's c_noise of sigma_d tan t."""
+        if self.noise_cond == "t":
+            return t
+        return c_noise(trigflow.sigma_from_t(t, self.sigma_data), self.noise_cond)
+
+    def trig_network_output(
+        self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None, return_logvar: bool = False
+    ):
+        """F(x_t / sigma_d, c_noise(t)) in the backbone's dtype; x_t (B, C, H, W) and t (B,) float32/64."""
+        net_dtype = next(self.net.parameters()).dtype
+        x_in = (x_t / self.sigma_data).to(net_dtype)
+        capturing = x_t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        autocast = (
+            torch.autocast(x_t.device.type, dtype=self.autocast_dtype, cache_enabled=not capturing)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        with autocast:
+            out = self.net(x_in, self.c_noise(t), class_labels=class_labels, return_logvar=return_logvar)
+        F_x, logvar = out if return_logvar else (out, None)
+        if self.noise_cond != "t":
+            F_x = -F_x
+        return (F_x, logvar) if return_logvar else F_x
+
+    def network_output(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """F at EDM's (x, sigma): the raw output that `combine` takes with t = arctan(sigma / sigma_d)."""
+        x, sigma = self._inputs(x, sigma)
+        t = trigflow.t_from_sigma(sigma, self.sigma_data)
+        return self.trig_network_output(trigflow.trigflow_from_edm(x, t), t, class_labels)
+
+    def combine(self, x_t: Tensor, F_x: Tensor, t: Tensor) -> Tensor:
+        """cos(t) x_t - sin(t) sigma_d F in x_t's dtype; x_t: (B, C, H, W), t: (B,)."""
+        if self.skip_out_op is not None:
+            return self.skip_out_op(x_t, F_x, t, self.sigma_data)
+        return trigflow.consistency_function(x_t, F_x.to(x_t.dtype), t, self.sigma_data)
+
+
+MODEL_KINDS: dict[str, type[_Preconditioned]] = {
+    "cm": ConsistencyModel,
+    "edm": EDMDenoiser,
+    "trigflow": TrigFlowModel,
+}
 
 
 def num_parameters(module: nn.Module) -> int:
