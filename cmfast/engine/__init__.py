@@ -34,11 +34,26 @@ def unsupported(model: nn.Module) -> str:
     net = getattr(model, "net", None)
     if not hasattr(model, "sigma_data") or net is None:
         return f"a {type(model).__name__} is not a ConsistencyModel or EDMDenoiser"
+    if getattr(model, "kind", None) == "trigflow":
+        return "the engine lowers EDM's and Appendix C's preconditioning, not TrigFlow's (an sCM model)"
+    reason = network_options_unsupported(getattr(net, "config", None))
+    if reason:
+        return reason
     if isinstance(net, ADMUNet):
         return ""
     if isinstance(net, SongUNet):
         return song_unsupported(net)
     return f"no lowering for a {type(net).__name__} network"
+
+
+def network_options_unsupported(config) -> str:
+    """Why the engine cannot take a network with sCM's options ("" when none is on); the logvar head only serves
+    training and is ignored."""
+    if getattr(config, "time_scale", 1.0) != 1.0:
+        return f"time_scale {config.time_scale} (the engine embeds the noise label unscaled)"
+    if getattr(config, "adaptive_double_norm", False):
+        return "adaptive double normalisation (the engine lowers the plain embedding bias or scale-shift)"
+    return ""
 
 
 class EngineModel(nn.Module):

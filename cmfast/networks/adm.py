@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .configs import ADMConfig
+from .song_unet import pixel_norm
 
 QKV_LAYOUTS = ("3hd", "h3d")
 
@@ -119,9 +120,11 @@ class ResBlock(nn.Module):
         dropout: float,
         use_scale_shift_norm: bool,
         resample: str | None = None,
+        double_norm: bool = False,
     ):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.double_norm = double_norm  # sCM's adaptive double normalisation: scale and shift pixel-normalised
         self.resample = resample
         self.in_layers = nn.Sequential(
             _normalization(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -147,6 +150,8 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
+            if self.double_norm:
+                scale, shift = pixel_norm(scale), pixel_norm(shift)
             h = _norm_act(self.out_layers[0], h, self.fused, scale=scale, shift=shift)
         else:
             h = _norm_act(self.out_layers[0], h + emb_out, self.fused)
@@ -228,6 +233,8 @@ class ADMUNet(nn.Module):
         super().__init__()
         if config.qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"unknown qkv_layout {config.qkv_layout!r}; expected one of {QKV_LAYOUTS}")
+        if config.adaptive_double_norm and not config.use_scale_shift_norm:
+            raise ValueError("adaptive_double_norm normalises the scale and shift: it needs use_scale_shift_norm=True")
         self.config = config
         c = config
         emb_channels = 4 * c.model_channels
@@ -236,7 +243,9 @@ class ADMUNet(nn.Module):
         attention_ds = {c.image_size // res for res in c.attention_resolutions}
 
         def res_block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
-            return ResBlock(cin, emb_channels, cout, c.dropout, c.use_scale_shift_norm, resample)
+            return ResBlock(
+                cin, emb_channels, cout, c.dropout, c.use_scale_shift_norm, resample, c.adaptive_double_norm
+            )
 
         def attention(channels: int) -> AttentionBlock:
             return AttentionBlock(channels, c.num_heads, c.num_head_channels, c.qkv_layout)
@@ -246,6 +255,8 @@ class ADMUNet(nn.Module):
         )
         if c.num_classes > 0:
             self.label_emb = nn.Embedding(c.num_classes, emb_channels)
+        # sCM's adaptive weighting w(t): a linear head on the timestep embedding, zero at initialisation
+        self.logvar_head = _zero(nn.Linear(c.model_channels, 1)) if c.logvar_head else None
 
         ch = int(c.channel_mult[0] * c.model_channels)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
@@ -282,12 +293,30 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(_normalization(ch), nn.SiLU(), _zero(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
         self.fused = False  # see `cmfast.networks.set_fused_ops`
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def scaled_noise(self, noise_labels: Tensor) -> Tensor:
+        """The noise labels times the config's time_scale (left alone at 1)."""
+        scale = self.config.time_scale
+        return noise_labels if scale == 1 else noise_labels * scale
+
+    def logvar(self, noise_labels: Tensor) -> Tensor:
+        """(B,) noise labels -> (B,) log-variance of sCM's adaptive weighting (needs logvar_head)."""
+        if self.logvar_head is None:
+            raise ValueError("this network has no logvar head (config logvar_head=False)")
+        emb = timestep_embedding(self.scaled_noise(noise_labels), self.config.model_channels)
+        return self.logvar_head(emb.to(self.logvar_head.weight.dtype)).reshape(-1).float()
+
+    def forward(
+        self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, return_logvar: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if return_logvar:
+            return self.forward(x, noise_labels, class_labels), self.logvar(noise_labels)
         if (class_labels is None) != (self.config.num_classes == 0):
             need = f"(B,) int64 class_labels in [0, {self.config.num_classes})" if self.config.num_classes else "none"
             raise ValueError(f"this ADMUNet has num_classes={self.config.num_classes}: class_labels must be {need}")
         weight = self.time_embed[0].weight
-        emb = self.time_embed(timestep_embedding(noise_labels, self.config.model_channels).to(weight.dtype))
+        emb = self.time_embed(
+            timestep_embedding(self.scaled_noise(noise_labels), self.config.model_channels).to(weight.dtype)
+        )
         if class_labels is not None:
             if class_labels.shape != (x.shape[0],):
                 raise ValueError(f"class_labels must have shape ({x.shape[0]},), got {tuple(class_labels.shape)}")

@@ -36,6 +36,10 @@ class SongUNetConfig:
     encoder_type: str = "standard"  # "standard" (DDPM++) or "residual" (NCSN++)
     decoder_type: str = "standard"
     resample_filter: tuple[int, ...] = (1, 1)  # (1, 1) for DDPM++, (1, 3, 3, 1) FIR for NCSN++
+    # sCM options (Lu & Song 2025), off by default
+    time_scale: float = 1.0  # the noise label is multiplied by this before its embedding (TrigFlow's c_noise(t) = t)
+    adaptive_double_norm: bool = False  # scale-shift conditioning, scale and shift each pixel-normalised
+    logvar_head: bool = False  # a linear head on the noise embedding giving the adaptive weighting's log-variance
 
     @property
     def resolution(self) -> int:
@@ -70,6 +74,10 @@ class ADMConfig:
     resblock_updown: bool = True
     conv_resample: bool = True
     qkv_layout: str = "3hd"  # "3hd": qkv channels as (3, heads, head_dim), the released checkpoints; "h3d": legacy
+    # sCM options (Lu & Song 2025), off by default
+    time_scale: float = 1.0  # the noise label is multiplied by this before its embedding (TrigFlow's c_noise(t) = t)
+    adaptive_double_norm: bool = False  # scale-shift conditioning, scale and shift each pixel-normalised
+    logvar_head: bool = False  # a linear head on the noise embedding giving the adaptive weighting's log-variance
 
     @property
     def resolution(self) -> int:

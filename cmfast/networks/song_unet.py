@@ -26,6 +26,15 @@ GROUP_NORM_EPS = 1e-6  # SongUNet passes eps=1e-6 to every GroupNorm
 INIT_ZERO = 1e-5  # weight scale of the last conv of each branch: near zero, so every block starts close to identity
 INIT_ATTN = math.sqrt(0.2)  # weight scale of the qkv projection
 MAX_POSITIONS = 10000  # lowest positional-embedding frequency is 1 / MAX_POSITIONS
+PIXEL_NORM_EPS = 1e-4  # adaptive double normalisation: v / sqrt(mean(v^2) + eps) over channels
+
+
+def pixel_norm(v: Tensor, eps: float = PIXEL_NORM_EPS) -> Tensor:
+    """(B, C, ...) -> each sample's channel vector divided by its root mean square (sCM's adaptive double
+    normalisation applies it to the scale and to the shift); computed in at least float32."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    w = v.to(dtype)
+    return (w * torch.rsqrt(w.square().mean(dim=1, keepdim=True) + eps)).to(v.dtype)
 
 
 def _xavier_uniform(shape: tuple[int, ...], fan_in: int, fan_out: int, scale: float) -> nn.Parameter:
@@ -54,12 +63,16 @@ def fir_upsample_2x(x: Tensor, f: Tensor) -> Tensor:
     return F.conv_transpose2d(x, weight, groups=channels, stride=2, padding=padding)
 
 
-def group_norm_silu(x: Tensor, norm: GroupNorm, fused: bool = False) -> Tensor:
-    """SiLU(GroupNorm(x)) on (B, C, H, W); the pair every block applies before a conv. fused: through
-    `cmfast.ops.group_norm_silu` (one read of x, one write)."""
+def group_norm_silu(x: Tensor, norm: GroupNorm, fused: bool = False, scale=None, shift=None) -> Tensor:
+    """SiLU(GroupNorm(x)) on (B, C, H, W); the pair every block applies before a conv; with (B, C, 1, 1) scale and
+    shift, SiLU(GroupNorm(x) (1 + scale) + shift). fused: through `cmfast.ops.group_norm_silu` (one read of x, one
+    write)."""
     if fused:
-        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return F.silu(norm(x))
+        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -153,7 +166,8 @@ class GroupNorm(nn.GroupNorm):
 class UNetBlock(nn.Module):
     """DDPM++ residual block, optionally resampling and followed by self-attention. (B, Cin, H, W) -> (B, Cout, H', W').
 
-    The embedding enters as a per-channel bias after conv0 (EDM's adaptive_scale=False, which SongUNet uses).
+    The embedding enters as a per-channel bias after conv0 (EDM's adaptive_scale=False, which SongUNet uses), or with
+    `double_norm` as sCM's adaptive double normalisation: norm1(h) (1 + pixel_norm(scale)) + pixel_norm(shift).
     """
 
     def __init__(
@@ -167,8 +181,10 @@ class UNetBlock(nn.Module):
         num_heads: int = 1,
         dropout: float = 0.0,
         resample_filter: tuple[int, ...] = (1, 1),
+        double_norm: bool = False,
     ):
         super().__init__()
+        self.double_norm = double_norm
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_heads = num_heads if attention else 0
@@ -177,7 +193,7 @@ class UNetBlock(nn.Module):
 
         self.norm0 = GroupNorm(in_channels)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter)
-        self.affine = Linear(emb_channels, out_channels)
+        self.affine = Linear(emb_channels, out_channels * (2 if double_norm else 1))
         self.norm1 = GroupNorm(out_channels)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, init_weight=INIT_ZERO)
         # The shortcut needs weights when the width changes; when resampling, DDPM++ also gives it a 1x1 projection.
@@ -192,8 +208,13 @@ class UNetBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, Cin, H, W), emb: (B, emb_channels) -> (B, Cout, H', W')."""
         h = self.conv0(group_norm_silu(x, self.norm0, self.fused))
-        h = h + self.affine(emb)[:, :, None, None].to(h.dtype)
-        h = self.conv1(F.dropout(group_norm_silu(h, self.norm1, self.fused), p=self.dropout, training=self.training))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.double_norm:
+            scale, shift = (pixel_norm(p) for p in params.chunk(2, dim=1))
+            h = group_norm_silu(h, self.norm1, self.fused, scale, shift)
+        else:
+            h = group_norm_silu(h + params, self.norm1, self.fused)
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         x = (h + (self.skip(x) if self.skip is not None else x)) * SKIP_SCALE
         if self.num_heads:
             x = (self.proj(self.self_attention(self.norm2(x))) + x) * SKIP_SCALE
@@ -263,7 +284,12 @@ class SongUNet(nn.Module):
 
         emb_channels = c.model_channels * c.channel_mult_emb
         noise_channels = c.model_channels * c.channel_mult_noise
-        block_kwargs = {"emb_channels": emb_channels, "dropout": c.dropout, "resample_filter": c.resample_filter}
+        block_kwargs = {
+            "emb_channels": emb_channels,
+            "dropout": c.dropout,
+            "resample_filter": c.resample_filter,
+            "double_norm": c.adaptive_double_norm,
+        }
 
         # Mapping: noise (and class, augmentation) labels -> embedding vector fed to every block.
         self.map_noise = (
@@ -275,6 +301,8 @@ class SongUNet(nn.Module):
         self.map_augment = Linear(c.augment_dim, noise_channels, bias=False) if c.augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
+        # sCM's adaptive weighting w(t): a linear head on the noise embedding, zero at initialisation
+        self.map_logvar = Linear(noise_channels, 1, init_weight=0.0) if c.logvar_head else None
 
         # Encoder. 'aux' entries carry the downsampled input image alongside the features (skip / residual encoders).
         self.enc = nn.ModuleDict()
@@ -330,7 +358,7 @@ class SongUNet(nn.Module):
         """(B,) c_noise, (B,) int64 classes or None, (B, augment_dim) or None -> (B, emb_channels)."""
         # The sinusoids are computed at the labels' precision (float32 from the preconditioning), then cast to the
         # weights' dtype so a network converted with .to(bfloat16) also runs without autocast.
-        emb = self.map_noise(noise_labels).to(self.map_layer0.weight.dtype)
+        emb = self.map_noise(self.scaled_noise(noise_labels)).to(self.map_layer0.weight.dtype)
         if self.map_label is not None:
             # Scaling by sqrt(label_dim) gives the one-hot vector unit mean square, the input scale the init assumes.
             one_hot = F.one_hot(class_labels.long(), self.config.label_dim).to(emb.dtype)
@@ -339,15 +367,31 @@ class SongUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
+    def scaled_noise(self, noise_labels: Tensor) -> Tensor:
+        """The noise labels times the config's time_scale (left alone at 1)."""
+        scale = self.config.time_scale
+        return noise_labels if scale == 1 else noise_labels * scale
+
+    def logvar(self, noise_labels: Tensor) -> Tensor:
+        """(B,) noise labels -> (B,) log-variance of sCM's adaptive weighting (needs logvar_head)."""
+        if self.map_logvar is None:
+            raise ValueError("this network has no logvar head (config logvar_head=False)")
+        emb = self.map_noise(self.scaled_noise(noise_labels)).to(self.map_logvar.weight.dtype)
+        return self.map_logvar(emb).reshape(-1).float()
+
     def forward(
         self,
         x: Tensor,
         noise_labels: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
-    ) -> Tensor:
+        return_logvar: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, in_channels, R, R), noise_labels: (B,) c_noise = ln(sigma) / 4, class_labels: (B,) int64 class indices
-        (required iff label_dim > 0), augment_labels: (B, augment_dim) or None -> (B, out_channels, R, R)."""
+        (required iff label_dim > 0), augment_labels: (B, augment_dim) or None -> (B, out_channels, R, R); with
+        return_logvar, also the (B,) log-variance of the logvar head."""
+        if return_logvar:
+            return self.forward(x, noise_labels, class_labels, augment_labels), self.logvar(noise_labels)
         self._check_inputs(x, noise_labels, class_labels, augment_labels)
         emb = self.embed(noise_labels, class_labels, augment_labels)
 
