@@ -38,13 +38,18 @@ def count_jvps(monkeypatch, function, calls, name):
     monkeypatch.setattr(function, "jvp", staticmethod(jvp))
 
 
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_fused_network_jvp_matches_the_unfused_float64_jvp(name, perturb, monkeypatch):
+def test_fused_network_jvp_matches_the_unfused_float64_jvp(name, where, perturb, monkeypatch):
+    """where: the device of the fused network (the float64 reference runs on CPU)."""
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions, as the reference's
     config = NETWORKS[name]
     torch.manual_seed(0)
     net = perturb(build_network(config), scale=0.2).eval()
     R, C = config.resolution, config.in_channels
-    if ops.explain("group_norm_silu", torch.randn(1, 64, 3, 3), None, None).backend == "torch":
+    if ops.explain("group_norm_silu", torch.randn(1, 64, 3, 3, device=where), None, None).backend == "torch":
         pytest.skip("no fused backend on this machine (no extension, no Triton interpreter)")
     g = torch.Generator().manual_seed(1)
     x, tx = torch.randn(2, C, R, R, generator=g), torch.randn(2, C, R, R, generator=g)
@@ -64,12 +69,16 @@ def test_fused_network_jvp_matches_the_unfused_float64_jvp(name, perturb, monkey
     calls = {"group_norm_silu": 0, "attention": 0}
     count_jvps(monkeypatch, _gn.GroupNormSiLU, calls, "group_norm_silu")
     count_jvps(monkeypatch, _attn.Attention, calls, "attention")
-    set_fused_ops(net, True)
-    out, tout = torch.func.jvp(lambda x, n: net(x, n, labels), (x, noise), (tx, tnoise))
+    set_fused_ops(net.to(where), True)
+    x, noise, tx, tnoise, weight = (t.to(where) for t in (x, noise, tx, tnoise, weight))
+    labels = labels.to(where) if labels is not None else None
+    with sdpa_kernel(SDPBackend.MATH):  # ADM's attention falls back to SDPA where no fused kernel runs
+        out, tout = torch.func.jvp(lambda x, n: net(x, n, labels), (x, noise), (tx, tnoise))
     (out * weight).sum().backward()  # the loss backpropagates through the primal output of the same call
+    out, tout = out.cpu(), tout.cpu()
 
     assert calls["group_norm_silu"] > 0, "the fused GroupNorm+SiLU forward-mode rule did not run"
-    if name.startswith("adm") and ops.explain("attention", torch.randn(1, 48, 64), 1).backend != "torch":
+    if name.startswith("adm") and ops.explain("attention", torch.randn(1, 48, 64, device=where), 1).backend != "torch":
         assert calls["attention"] > 0, "the fused attention forward-mode rule did not run"
     assert tref.abs().max() > 0.1 and ref.abs().max() > 0.1
     scale = tref.abs().max().item()
@@ -81,4 +90,4 @@ def test_fused_network_jvp_matches_the_unfused_float64_jvp(name, perturb, monkey
         if p_ref.grad is None:
             assert p.grad is None, pname
             continue
-        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-3, atol=1e-5 * grad_scale, msg=pname)
+        torch.testing.assert_close(p.grad.cpu().double(), p_ref.grad, rtol=1e-3, atol=1e-5 * grad_scale, msg=pname)
