@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cmfast import ops
+from cmfast import ops, trigflow
 from cmfast.kernels import attention as _attn
 from cmfast.kernels import group_norm_silu as _gn
 from cmfast.kernels import skip_out as _so
@@ -433,3 +433,14 @@ def test_torch_compile_traces_trig_skip_out_and_its_backward(backend):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(eager, leaves, g)):
         torch.testing.assert_close(a, b)
+
+
+def test_trig_skip_out_is_trigflow_consistency_function():
+    """cmfast.ops.trig_skip_out on every backend here equals cmfast.trigflow.consistency_function (float64 inputs
+    for the reference), value and tangent."""
+    primals, tangents = elementwise_case((3, 2, 5, 7), torch.float32, "cpu", False, 0, TIMES)
+    ref, tref = jvp(lambda x, F, t: trigflow.consistency_function(x, F, t, SD), primals, tangents, cast=torch.float64)
+    for backend in ["torch", *fused_backends("trig_skip_out", *primals)]:
+        out, tout = jvp(trig_fn(backend), primals, tangents)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tout.double(), tref, rtol=1e-5, atol=1e-5)
