@@ -1,26 +1,45 @@
 """One consistency-distillation training step: images/s and peak memory, random weights and data.
 
 The step of Algorithm 2 as `cmfast distill` runs it: the teacher's Heun step (two evaluations, no gradients), the
-target's evaluation, the online forward and backward, RAdam, the EMA updates of the target and one EMA. Variants:
-  eager-amp           bf16 autocast (fp32 on a CPU), eager PyTorch
-  compile             the same with the three backbones (teacher, target, online) under torch.compile
-  cmfast-fused-eager  cmfast's fused ops as `cmfast distill --fused` runs them: set_fused_ops, the teacher's Heun
-                      step through cmfast.ops.heun_step, skip/out through cmfast.ops.skip_out; no graph
-  cmfast              the same with the whole step captured as one CUDA graph (cmfast.training.graph_step), as
-                      `cmfast distill --fused --graph` runs it (CUDA only)
-Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 (GPU); the digits network at batch 32 on a CPU; dropout 0,
-as the paper's CD students.
-Distances: l2 and LPIPS (VGG, random backbone: its speed does not depend on the weights).
-Each row is the median of 5 timings (each a median over repeated steps), with their minimum and maximum.
-Each figure also as TFLOP/s and % of the device's measured bf16 matrix throughput: the step's FLOPs are counted by
-torch.utils.flop_counter on one eager step.
+target's evaluation, the online forward and backward, RAdam, the EMA updates of the target and one EMA. Every row runs
+in the same process on the same device, with cudnn.benchmark on. Baselines at their best, as a user would run them:
+  eager-amp-nchw        eager PyTorch under the AMP dtype (bf16 autocast on CUDA; float32 on a CPU, see below), NCHW
+  eager-amp-cl          the same in channels_last (models, LPIPS network and inputs); the faster of the two is the
+                        eager baseline
+  eager-bf16-nchw       CPU only, l2 only: bf16 autocast on the CPU, the check of the CPU's precision choice; it is
+                        the eager baseline if it is the fastest eager row
+  compile-default       the three backbones (teacher, target, online) under torch.compile(mode="default"), static
+                        shapes, in the eager baseline's memory format
+  compile-max-autotune  the same with mode="max-autotune"; the faster compile row is the compile baseline
+In every eager and compiled baseline attention goes through SDPA on unit-stride q/k/v: ADM's own attention does
+(cmfast.networks.adm), and DDPM++'s attention, an fp32 einsum in cmfast.networks.song_unet, is swapped for SDPA inside
+the bench while those rows run (bench.sampling.sdpa_attention).
+cmfast:
+  cmfast-fused-eager    cmfast's fused ops as `cmfast distill --fused` runs them: set_fused_ops, the teacher's Heun
+                        step through cmfast.ops.heun_step, skip/out through cmfast.ops.skip_out; NCHW, no graph; the
+                        networks' own attention (DDPM++: the einsum; ADM: the fused op where a kernel runs, else SDPA)
+  cmfast                the same with the whole step captured as one CUDA graph (cmfast.training.graph_step), as
+                        `cmfast distill --fused --graph` runs it; on a CPU the row is listed as not run
+Shapes: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 on a GPU; on a CPU the digits network at batch 32 with
+l2 and at batch 4 with LPIPS (LPIPS upsamples each image to 224x224 for its VGG: a batch-32 step takes tens of seconds
+on two cores). Dropout 0, as the paper's CD students.
+Distances: l2 and LPIPS (VGG with a random backbone: its cost is the same as with the real weights).
+Precision on a CPU: float32 for the eager-amp, compile and cmfast rows, because the CPU has no autocast speed-up to
+offer at these sizes (eager-bf16-nchw measures it); LPIPS runs in float32 everywhere, as in `cmfast distill`.
+Each row: the median of 5 timings (each a median over repeated steps; one step per timing for CPU LPIPS rows), their
+minimum and maximum, images/s, TFLOP/s and % of the device's measured matrix throughput (FLOPs counted by
+torch.utils.flop_counter on one eager step), and the step's peak memory: bytes allocated during one step above those
+allocated before it (bench.common.step_peak_bytes: torch.cuda.max_memory_allocated on CUDA, torch.profiler's memory
+events on a CPU), and on CUDA also max_memory_allocated over the row (weights, optimizer state and all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
+import os
 import time
 from types import SimpleNamespace
 
@@ -29,19 +48,57 @@ import torch
 import cmfast
 from cmfast import ops
 from cmfast.generate import image_shape
-from cmfast.networks import NETWORK_PRESETS, set_fused_ops
+from cmfast.networks import NETWORK_PRESETS, SongUNetConfig, set_fused_ops
 from cmfast.training.distances import get_distance
 from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
 from cmfast.training.trainer import Trainer
 
-from .common import add_rates, failure, peak_tflops, repeated_ms, select_models
+from .common import add_rates, failure, peak_tflops, repeated_ms, select_models, step_peak_bytes
+from .sampling import sdpa_attention
 
 GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
 CPU_CASES = [("ddpmpp-digits8", 32, 0)]
+CPU_LPIPS_BATCH = 4
 SUMMARY_COLUMNS = [
-    "model", "batch", "distance", "variant", "ms", "ms_min", "ms_max", "images_s", "peak_mem_gib", "pct_peak", "x_eager"
+    "model", "batch", "distance", "variant", "dtype", "format", "attention", "ms", "ms_min", "ms_max", "images_s",
+    "step_peak_mib", "peak_mem_gib", "x_eager", "x_compile", "baseline", "load_1m", "note",
 ]  # fmt: skip
+LPIPS_NOTE = "random VGG backbone: same cost as the real weights"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How one row runs the step."""
+
+    dtype: torch.dtype | None = None  # the backbones' autocast dtype; None: float32
+    channels_last: bool = False  # models, LPIPS network and inputs in channels_last
+    compile_mode: str | None = None  # torch.compile mode of the three backbones; None: eager
+    fused: bool = False  # cmfast's fused ops, Heun step and skip/out (`cmfast distill --fused`)
+    graph: bool = False  # the whole step as one CUDA graph (`--graph`)
+    sdpa: bool = True  # DDPM++'s attention swapped for SDPA on unit-stride q/k/v (the baselines)
+    group: str | None = None  # "eager" or "compile": the baseline group this row competes in
+
+
+def suite_variants(
+    device: str, distance: str, compile: bool, compile_mode: str | None, best_eager: Variant | None
+) -> dict[str, Variant]:
+    """The suite's rows for one device and distance, in the order they run (torch.compile last: a cut-off run keeps
+    the rest). best_eager: the eager baseline measured so far, whose memory format the compile rows take."""
+    amp = torch.bfloat16 if device == "cuda" else None
+    out = {
+        "eager-amp-nchw": Variant(dtype=amp, group="eager"),
+        "eager-amp-cl": Variant(dtype=amp, channels_last=True, group="eager"),
+    }
+    if device == "cpu" and distance == "l2":
+        out["eager-bf16-nchw"] = Variant(dtype=torch.bfloat16, group="eager")
+    out["cmfast-fused-eager"] = Variant(dtype=amp, fused=True, sdpa=False)
+    out["cmfast"] = Variant(dtype=amp, fused=True, graph=True, sdpa=False)
+    if compile:
+        channels_last = best_eager.channels_last if best_eager is not None else device == "cuda"
+        for mode in [compile_mode] if compile_mode else ["default", "max-autotune"]:
+            out[f"compile-{mode}"] = Variant(dtype=amp, channels_last=channels_last, compile_mode=mode, group="compile")
+    return out
 
 
 class _Step(SimpleNamespace):
@@ -50,7 +107,7 @@ class _Step(SimpleNamespace):
     _update_averages = Trainer._update_averages
 
 
-def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled: bool, graph: bool, mode: str):
+def _make_step(preset: str, batch: int, n_classes: int, distance: str, device: str, v: Variant):
     torch.manual_seed(0)
     # dropout 0, as the paper's CD students (REFERENCE.md); the captured step also refuses dropout
     net = cmfast.build_network(dataclasses.replace(NETWORK_PRESETS[preset], dropout=0.0))
@@ -58,18 +115,24 @@ def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled
     online = cmfast.ConsistencyModel(net).to(device).train()
     target = copy.deepcopy(online).requires_grad_(False)
     ema = copy.deepcopy(online).eval().requires_grad_(False)
-    for m in (teacher, online, target):
-        m.autocast_dtype = torch.bfloat16 if device == "cuda" else None
-        if fused:
-            set_fused_ops(m.net)
-        if compiled:
-            m.net = torch.compile(m.net, mode=mode, dynamic=False)
-    for m in (online, target):
-        m.skip_out_op = ops.skip_out if fused else None
+    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     dist = get_distance("lpips", pretrained_backbone=False) if distance == "lpips" else "l2"
-    loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95, fused=fused)
-    optimizer = torch.optim.RAdam(online.parameters(), lr=1e-5, capturable=graph)
-    cfg = SimpleNamespace(kind="cd", mixed_precision="bf16")
+    if distance == "lpips":
+        dist.to(device=device, memory_format=fmt)
+    for m in (teacher, online, target, ema):
+        m.to(memory_format=fmt)
+    for m in (teacher, online, target):
+        m.autocast_dtype = v.dtype
+        if v.fused:
+            set_fused_ops(m.net)
+        if v.compile_mode:
+            m.net = torch.compile(m.net, mode=v.compile_mode, dynamic=False)
+    for m in (online, target):
+        m.skip_out_op = ops.skip_out if v.fused else None
+    loss_fn = CDLoss(teacher, target, num_scales=18, solver="heun", distance=dist, mu=0.95, fused=v.fused)
+    optimizer = torch.optim.RAdam(online.parameters(), lr=1e-5, capturable=v.graph)
+    precision = "bf16" if v.dtype == torch.bfloat16 else "no"
+    cfg = SimpleNamespace(kind="cd", mixed_precision=precision, ema_warmup=False)  # TrainConfig's default
     t = _Step(
         cfg=cfg,
         device=torch.device(device),
@@ -86,10 +149,11 @@ def _make_step(preset, batch, n_classes, distance, device, fused: bool, compiled
     )
     shape = (batch, *image_shape(online))
     g = torch.Generator(device).manual_seed(1)
-    images = torch.rand(shape, device=device, generator=g) * 2 - 1
+    images = (torch.rand(shape, device=device, generator=g) * 2 - 1).contiguous(memory_format=fmt)
     labels = torch.randint(n_classes, (batch,), device=device, generator=g) if n_classes else None
     z, j = loss_fn.draw(images, g)
-    if graph:
+    z = z.contiguous(memory_format=fmt)
+    if v.graph:
         captured = CapturedCDStep(t, images, labels, z, j)
         return lambda: captured(images, labels, z, j)
 
@@ -112,81 +176,148 @@ def _step_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+def _attention(preset: str, v: Variant) -> str:
+    if not isinstance(NETWORK_PRESETS[preset], SongUNetConfig):
+        return "adm fused op / sdpa" if v.fused else "sdpa (adm's own)"
+    return "sdpa (swapped in)" if v.sdpa else "einsum fp32 (the network's own)"
+
+
+def _row_note(device: str, distance: str, batch: int) -> str | None:
+    if distance != "lpips":
+        return None
+    return LPIPS_NOTE + (f"; batch {batch} on a CPU, each timing one step" if device == "cpu" else "")
+
+
 def run(
     quick: bool = False,
     compile: bool | None = None,
     log=print,
-    compile_mode: str = "max-autotune",
+    compile_mode: str | None = None,
     budget_s: float = 1e9,
     models: list[str] | None = None,
     variants: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    wanted_variants = variants
+    torch.backends.cudnn.benchmark = True
+    everything = {
+        **suite_variants(device, "l2", True, compile_mode, None),
+        **suite_variants(device, "lpips", True, compile_mode, None),
+    }
+    wanted = set(select_models(everything, variants, "--variants"))
     by_preset = {case[0]: case for case in (GPU_CASES if device == "cuda" else CPU_CASES)}
     cases = list(select_models(by_preset, models).values())
     compile = device == "cuda" if compile is None else compile
-    distances = ("l2",) if quick or device == "cpu" else ("l2", "lpips")
+    distances = ("l2",) if quick else ("l2", "lpips")
     deadline = time.monotonic() + budget_s
     peak = peak_tflops(device)
     rows = []
-    for preset, batch, n_classes in cases:
-        for distance in distances:
-            # torch.compile (minutes of compiling three backbones and a backward) last, so a cut-off run keeps the rest
-            variants = {
-                "eager-amp": dict(fused=False, compiled=False, graph=False),
-                "cmfast-fused-eager": dict(fused=True, compiled=False, graph=False),
-            }
-            if device == "cuda":
-                variants["cmfast"] = dict(fused=True, compiled=False, graph=True)
-            if compile:
-                variants["compile"] = dict(fused=False, compiled=True, graph=False)
-            variants = select_models(variants, wanted_variants, "--variants")
-            flops = None
-            for name, how in variants.items():
-                row = dict(model=preset, batch=batch, distance=distance, variant=name)
-                if time.monotonic() > deadline:
-                    rows.append({**row, "skipped": "the suite's time budget ran out"})
-                    continue
-                try:
-                    # FLOPs are counted on an eager step (FlopCounterMode sees nothing inside compiled code or a
-                    # graph replay): eager-amp's own, or a plain one built for it when eager-amp is not asked for
-                    if flops is None and name != "eager-amp":
-                        plain = dict(fused=False, compiled=False, graph=False)
-                        flops = _step_flops(_make_step(preset, batch, n_classes, distance, device, mode="", **plain))
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                    step = _make_step(preset, batch, n_classes, distance, device, mode=compile_mode, **how)
-                    if flops is None:
-                        flops = _step_flops(step)
-                    timing = repeated_ms(step, device, repeats=5, rep_ms=300)
-                except Exception as e:  # noqa: BLE001 (an OOM or a capture failure is a result to report)
-                    rows.append({**row, "skipped": failure(e)})
-                    log(f"{preset} {distance} {name}: {rows[-1]['skipped']}")
-                    continue
-                ms = timing["ms"]
-                row.update(ms_min=timing["ms_min"], ms_max=timing["ms_max"], repeats=timing["repeats"])
-                add_rates(row, ms, batch, flops, peak)
-                if device == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                rows.append(row)
-                log(
-                    f"{preset:16s} b={batch:<4d} {distance:6s} {name:18s} {ms:9.2f} ms "
-                    f"[{row['ms_min']:.2f}, {row['ms_max']:.2f}]  {row['images_s']:8.1f} img/s  "
-                    f"{row.get('peak_mem_gib', 0):6.1f} GiB  {row['pct_peak']:5.1f}% of peak"
-                )
-                del step
+    # every eager and cmfast row of every case first, torch.compile's (minutes of compiling each) last: a run cut by
+    # its budget keeps the rest
+    state = {}  # (preset, distance) -> [flops, best eager Variant, its ms]
+    for compiled_phase in (False, True):
+        for preset, l2_batch, n_classes in cases:
+            for distance in distances:
+                batch = CPU_LPIPS_BATCH if device == "cpu" and distance == "lpips" else l2_batch
+                s = state.setdefault((preset, distance), [None, None, float("inf")])
+                for name, v in suite_variants(device, distance, compile, compile_mode, s[1]).items():
+                    if name in wanted and bool(v.compile_mode) == compiled_phase:
+                        row = _row(preset, batch, n_classes, distance, device, name, v, s, deadline, peak)
+                        rows.append(row)
+                        log(_line(row))
     return rows, {"tflops": peak}
 
 
+def _row(preset, batch, n_classes, distance, device, name, v: Variant, s: list, deadline: float, peak: float) -> dict:
+    """One measured row, or one with the reason it was not measured; s: [flops, best eager Variant, its ms] of this
+    case and distance, updated."""
+    row = dict(model=preset, batch=batch, distance=distance, variant=name, note=_row_note(device, distance, batch))
+    row.update(
+        dtype="bf16" if v.dtype == torch.bfloat16 else "fp32",
+        format="channels_last" if v.channels_last else "nchw",
+        attention=_attention(preset, v),
+        group=v.group,
+    )
+    if v.graph and device != "cuda":
+        return {**row, "skipped": "not run: a CUDA graph needs a CUDA device"}
+    if time.monotonic() > deadline:
+        return {**row, "skipped": "the suite's time budget ran out"}
+    row["load_1m"] = os.getloadavg()[0]
+    slow = device == "cpu" and distance == "lpips"  # seconds per step: one call per timing
+    try:
+        with sdpa_attention() if v.sdpa else contextlib.nullcontext():
+            ms = _measure(preset, batch, n_classes, distance, device, v, row, slow)
+            if s[0] is None:  # on an eager step: FlopCounterMode sees nothing inside compiled code
+                plain = dataclasses.replace(v, compile_mode=None, graph=False)
+                s[0] = _step_flops(_make_step(preset, batch, n_classes, distance, device, plain))
+    except Exception as e:  # noqa: BLE001 (an OOM, a compile or capture failure is a result to report)
+        return {**row, "skipped": failure(e)}
+    add_rates(row, ms, batch, s[0], peak)
+    row["load_1m_after"] = os.getloadavg()[0]
+    if v.group == "eager" and ms < s[2]:
+        s[1], s[2] = v, ms
+    return row
+
+
+def _line(row: dict) -> str:
+    head = f"{row['model']:16s} b={row['batch']:<4d} {row['distance']:6s} {row['variant']:21s}"
+    if "skipped" in row:
+        return f"{head} {row['skipped']}"
+    return (
+        f"{head} {row['ms']:9.2f} ms [{row['ms_min']:.2f}, {row['ms_max']:.2f}]  {row['images_s']:8.1f} img/s  "
+        f"step peak {row['step_peak_mib']:8.1f} MiB  load {row['load_1m']:.2f}"
+    )
+
+
+def _measure(preset, batch, n_classes, distance, device, v: Variant, row: dict, slow: bool) -> float:
+    """Times one row's step into row (first call, the repetitions, peak memory, Dynamo's graph count) and returns
+    its median milliseconds."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if v.compile_mode:
+        torch._dynamo.reset()
+    step = _make_step(preset, batch, n_classes, distance, device, v)
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    row["first_step_s"] = time.perf_counter() - start  # with compiling or capture
+    rep = dict(min_calls=1, untimed_calls=0) if slow else {}
+    timing = repeated_ms(step, device, repeats=5, rep_ms=300, **rep)
+    row.update(ms_min=timing["ms_min"], ms_max=timing["ms_max"], repeats=timing["repeats"])
+    if device == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["step_peak_mib"] = step_peak_bytes(step, device) / 2**20
+    if v.compile_mode:  # proof that it compiled: Dynamo's graph count, and its graph breaks
+        from torch._dynamo.utils import counters
+
+        row["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+        row["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
+    return timing["ms"]
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    by = {(r["model"], r["distance"], r["variant"]): r for r in rows if "ms" in r}
+    """Every row (those not run with their reason in `note`), with speed-ups against the best eager row and the best
+    torch.compile row of the same model, batch and distance, both timed in this run."""
     out = []
-    for (model, distance, _variant), r in by.items():
+    for r in rows:
         line = {k: r.get(k) for k in SUMMARY_COLUMNS}
-        base = by.get((model, distance, "eager-amp"))
-        line["x_eager"] = base["ms"] / r["ms"] if base else None
+        if "skipped" in r:
+            line["note"] = r["skipped"]
+            out.append(line)
+            continue
+        same = [
+            s
+            for s in rows
+            if "ms" in s and (s["model"], s["batch"], s["distance"]) == (r["model"], r["batch"], r["distance"])
+        ]
+        for group, column in (("eager", "x_eager"), ("compile", "x_compile")):
+            members = [s for s in same if s.get("group") == group]
+            if members:
+                best = min(members, key=lambda s: s["ms"])
+                line[column] = best["ms"] / r["ms"]
+                if best is r:
+                    line["baseline"] = group
         out.append(line)
     return out

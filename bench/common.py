@@ -52,6 +52,7 @@ def machine() -> dict:
         "cuda": torch.version.cuda,
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "load_avg_1_5_15_min": os.getloadavg(),  # as `uptime` prints it: other jobs sharing the machine show here
     }
     try:
         import triton
@@ -80,16 +81,25 @@ def device_slug(info: dict) -> str:
     return "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+def time_ms(
+    fn: Callable[[], object],
+    device: str,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    min_calls: int = 5,
+    untimed_calls: int = 1,
+) -> float:
     """Median milliseconds per call of fn: CUDA events through triton.testing.do_bench on a GPU (it clears the L2
-    cache between calls), a synchronised wall clock over repeated calls on the CPU."""
+    cache between calls), a synchronised wall clock over repeated calls on the CPU (calls for at least rep_ms, and at
+    least min_calls of them, after untimed_calls untimed ones)."""
     if device == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    fn()
+    for _ in range(untimed_calls):
+        fn()
     samples, spent = [], 0.0
-    while spent < max(rep_ms, 1) / 1000 or len(samples) < 5:
+    while spent < max(rep_ms, 1) / 1000 or len(samples) < min_calls:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
@@ -97,12 +107,50 @@ def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms
     return statistics.median(samples) * 1000
 
 
-def repeated_ms(fn: Callable[[], object], device: str, repeats: int = 5, rep_ms: float = 100) -> dict:
+def repeated_ms(
+    fn: Callable[[], object],
+    device: str,
+    repeats: int = 5,
+    rep_ms: float = 100,
+    min_calls: int = 5,
+    untimed_calls: int = 1,
+) -> dict:
     """Median, minimum and maximum of `repeats` timings of fn, each itself a median over many calls (time_ms), after
-    one warm-up call (capture, autotuning, the allocator)."""
+    one warm-up call (capture, autotuning, the allocator). On a CPU each timing makes at least min_calls calls after
+    untimed_calls untimed ones (fewer of both for steps that take seconds)."""
     fn()
-    times = [time_ms(fn, device, rep_ms=rep_ms) for _ in range(repeats)]
+    times = [
+        time_ms(fn, device, rep_ms=rep_ms, min_calls=min_calls, untimed_calls=untimed_calls) for _ in range(repeats)
+    ]
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
+
+
+def step_peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated during one call of fn, above the bytes allocated when it starts (what the call adds to
+    what already lives: weights, optimizer state, inputs). CUDA: torch.cuda.max_memory_allocated. CPU: the
+    allocations and frees torch.profiler records with profile_memory (every tensor from PyTorch's CPU allocator,
+    compiled code's included), summed in time order and their running maximum taken."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def time_graph_ms(fn: Callable[[], object], rep_ms: float = 100) -> float:
