@@ -4,7 +4,8 @@ Suites:
   ops       the fused ops (GroupNorm+SiLU, attention, skip/out, Heun step) against eager PyTorch and torch.compile
   sampling  one-step sampling throughput and batch-1 latency: eager (NCHW, channels_last), torch.compile, diffusers,
             cmfast fused, the engine, the engine as a CUDA graph
-  cd-step   one consistency-distillation training step: images/s and peak memory, eager AMP, compile, cmfast
+  cd-step   one consistency-distillation training step, l2 and LPIPS: images/s and peak memory; eager AMP (NCHW and
+            channels_last), torch.compile (default and max-autotune), cmfast fused eager and captured
   diffusers one-step sampling of one ADM model: diffusers' pipeline, accelerated by cmfast, cmfast, and compiled
   profile   kernel tables of one sampling call (engine, eager, compile): kernel count and time by category
 """
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-mode",
         help="torch.compile mode of the whole-model suites (default: max-autotune, and reduce-overhead at batch 1 in "
-        "sampling; max-autotune tunes for minutes, 'default' is quicker)",
+        "sampling; cd-step: both default and max-autotune, or only the mode given; max-autotune tunes for minutes, "
+        "'default' is quicker)",
     )
     parser.add_argument("--budget-s", type=float, default=1e9, help="whole-model suites: skip what starts later")
     parser.add_argument(
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         type=lambda s: [m for m in s.split(",") if m],
         help="whole-model suites: comma-separated variants (sampling: eager-bf16-cl, eager-bf16-nchw, engine, "
-        "engine-graph, cmfast-fused, eager-fp32, diffusers, compile; cd-step: eager-amp, cmfast-fused-eager, cmfast "
-        "(captured, CUDA only), compile; "
+        "engine-graph, cmfast-fused, eager-fp32, diffusers, compile; cd-step: eager-amp-nchw, eager-amp-cl, "
+        "eager-bf16-nchw (CPU, l2), cmfast-fused-eager, cmfast (captured, CUDA only), compile-default, "
+        "compile-max-autotune; "
         "diffusers: diffusers, diffusers+cmfast, cmfast, diffusers+compile)",
     )
     parser.add_argument(

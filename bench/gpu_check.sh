@@ -26,6 +26,11 @@
 #   final      the captured CD step's tests alone (with per-test timeouts that print where a hang sits), the DDPM++ CD
 #              step (eager AMP and cmfast, dropout 0), then sampling with eager bf16, the CUDA graph and torch.compile
 #              ('default' mode, static shapes), batch 256 first, ADM-64 first
+#   cd-fair    the fair CD-step suite, bf16: the captured step's CUDA tests (tests/training/test_graph_step.py, -m cuda),
+#              then python -m bench cd-step with l2 and LPIPS for DDPM++ (CIFAR-10, batch 512), then for ADM-64
+#              (batch 64), each in its own run: eager AMP NCHW and channels_last, cmfast fused eager, cmfast captured,
+#              torch.compile default and max-autotune (compiled last, cut first by --budget-s); every row with its
+#              images/s, step peak memory and max_memory_allocated, ratios against the best eager and compile rows
 #   diffusers  the diffusers interop on CUDA: cmfast.accelerate's CUDA test (graph replay against the plain pipeline),
 #              then python -m bench diffusers for ADM-64 at batch 1 and 256 (diffusers, +cmfast, cmfast, +compile)
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
@@ -119,6 +124,13 @@ for s in ${STEPS//,/ }; do  # in the order given
         --out "$OUT/bench-cd-step.json"
       step bench_sampling 200 python3 -m bench sampling --variants eager-bf16,cmfast-graph,compile --batches 256,1 \
         --compile-mode default --models adm-imagenet64,ddpmpp-cifar10 --out "$OUT/bench-sampling.json" ;;
+    cd-fair)
+      step cd_graph_tests 90 python3 -m pytest -v -p no:cacheprovider -m cuda --tb=short -ra \
+        tests/training/test_graph_step.py
+      step bench_cd_fair_ddpmpp 270 python3 -m bench cd-step --compile --models ddpmpp-cifar10 --budget-s 200 \
+        --out "$OUT/bench-cd-fair-ddpmpp.json"
+      step bench_cd_fair_adm 270 python3 -m bench cd-step --compile --models adm-imagenet64 --budget-s 200 \
+        --out "$OUT/bench-cd-fair-adm.json" ;;
     diffusers)
       step diffusers_tests 60 python3 -m pytest -v -p no:cacheprovider -m cuda --tb=short -ra tests/interop
       step bench_diffusers 200 python3 -m bench diffusers --batches 256,1 --budget-s 170 \
