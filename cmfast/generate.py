@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import engine as engine_lib
 from .graphs import graph_unavailable_reason, graphed_sampler
 from .io import to_uint8
-from .preconditioning import ConsistencyModel, EDMDenoiser
+from .preconditioning import ConsistencyModel, EDMDenoiser, TrigFlowModel
 from .sampling import (
     RHO,
     consistency_steps,
@@ -35,6 +35,7 @@ from .sampling import (
     randn,
     sigmas_from_ts,
 )
+from .trigflow import T_MID, sigma_from_t_float
 
 DEFAULT_HEUN_STEPS = 18  # EDM's CIFAR-10 setting: 35 network evaluations
 DEFAULT_GRID = 40  # the official grid that `ts` indexes
@@ -114,7 +115,9 @@ def sampling_plan(
 
     A consistency model takes at most one of `steps` (evaluations at the Karras grid of steps + 1 points), `sigmas`
     (explicit descending time points) or `ts` (official indices into the Karras grid of `grid` points); with none,
-    `default_sigmas`, else one step at sigma_max. An EDM teacher takes only `steps`, its Heun steps (default 18).
+    `default_sigmas`, else one step at sigma_max. A TrigFlow (sCM) model's two steps are the paper's: sigma_max, then
+    t_mid = 1.1 (sigma = sigma_d tan 1.1); other step counts use the Karras grid. An EDM teacher takes only `steps`,
+    its Heun steps (default 18).
     teacher_error: refuse teachers with this one-line message (commands that need a consistency model).
     graph=True asks for CUDA-graph replay; where it cannot run, the plan says why in `graph_refused`.
     engine: None runs the network through the inference engine on CUDA where it can lower the network; True asks
@@ -148,10 +151,14 @@ def sampling_plan(
         chosen = sigmas_from_ts(ts, grid, **kw).tolist()
     elif steps is None and default_sigmas is not None:
         chosen = [float(s) for s in default_sigmas]
+    elif isinstance(model, TrigFlowModel) and steps == 2:
+        chosen = [model.sigma_max, sigma_from_t_float(T_MID, model.sigma_data)]
     else:
         chosen = multistep_sigmas(1 if steps is None else steps, **kw).tolist()
     evaluated = evaluation_sigmas(chosen, model.sigma_min, model.sigma_max)
     refused = graph_unavailable_reason(model) if graph else ""
+    if graph and not refused and isinstance(model, TrigFlowModel):
+        refused = "the captured sampler re-noises above sigma_min; a TrigFlow model's boundary is sigma = 0"
     use_engine, engine_refused = _engine_choice(model, engine)
     return SamplingPlan(
         False,
@@ -240,7 +247,9 @@ def run_plan(model, plan: SamplingPlan, noise, class_labels=None, generator=None
         zs = [draw(noise) for _ in sigmas[1:]]
         sampler = graphed_sampler(model, noise.shape, noise.dtype, sigmas, class_labels is not None)
         return sampler(noise, zs, class_labels)
-    return consistency_steps(model, sigmas[0] * noise, sigmas, class_labels, draw, sigma_min=model.sigma_min)
+    # re-noising to sigma needs std sqrt(sigma^2 - b^2) over the model's boundary b (sigma_min; 0 for TrigFlow)
+    floor = getattr(model, "boundary", model.sigma_min)
+    return consistency_steps(model, sigmas[0] * noise, sigmas, class_labels, draw, sigma_min=floor)
 
 
 def generate(

@@ -1,4 +1,5 @@
-"""`cmfast train-edm`, `cmfast distill`, `cmfast train-ct` (the command-line edge of the trainer) and `cmfast demo`."""
+"""`cmfast train-edm`, `cmfast distill`, `cmfast train-ct`, `cmfast train-sct`, `cmfast distill-scd` (the
+command-line edge of the trainer) and `cmfast demo`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ COMMANDS = {
     "train-edm": ("edm", "train an EDM teacher (denoiser) with EDM's loss", "digits-edm"),
     "distill": ("cd", "consistency distillation of an EDM teacher (Algorithm 2)", "digits-cd"),
     "train-ct": ("ct", "consistency training from scratch (Algorithm 3; --ict for improved CT)", "digits-ct"),
+    "train-sct": ("sct", "continuous-time consistency training (sCT, TrigFlow; Lu & Song 2025)", "digits-sct"),
+    "distill-scd": (
+        "scd",
+        "continuous-time consistency distillation of an EDM teacher (sCD, TrigFlow; Lu & Song 2025)",
+        "digits-scd",
+    ),
 }
+TEACHER_COMMAND_KINDS = ("cd", "scd")
 
 # CLI flag -> TrainConfig field, for the overrides every command accepts.
 OVERRIDES = {
@@ -47,6 +55,16 @@ CD_OVERRIDES = {
     "target_ema": "target_ema",
 }
 CT_OVERRIDES = {"distance": "distance", "s0": "s0", "s1": "s1", "mu0": "mu0", "mu_variant": "mu_variant"}
+SCM_OVERRIDES = {
+    "p_mean": "p_mean",
+    "p_std": "p_std",
+    "tangent_warmup": "tangent_warmup",
+    "tangent_c": "tangent_c",
+    "time_cond": "time_cond",
+    "time_scale": "time_scale",
+    "adaptive_double_norm": "adaptive_double_norm",
+    "logvar_head": "logvar_head",
+}
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -77,7 +95,7 @@ def register(sub) -> None:
             "images (EDM's layout, labels from its dataset.json), .tar shards or .npz shards (one file, a range "
             "such as 'shards/train-{0000..0099}.tar', or a glob)",
         )
-        if kind != "cd":
+        if kind not in TEACHER_COMMAND_KINDS:
             p.add_argument("--network", help="network preset (see `cmfast info PRESET`)")
         p.add_argument("--steps", type=int, help="total optimizer steps K (on --resume: train on to step K)")
         p.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
@@ -125,12 +143,42 @@ def register(sub) -> None:
             action="store_true",
             help="run GroupNorm+SiLU and attention through cmfast.ops (C++/CUDA extension or Triton kernels)",
         )
-        if kind == "cd":
+        if kind in TEACHER_COMMAND_KINDS:
             p.add_argument(
                 "--teacher",
                 help="EDM teacher: a checkpoint from train-edm (.safetensors), an official edm_*.pt file, or a shipped "
                 "teacher's name (digits-edm)",
             )
+        if kind in ("sct", "scd"):
+            p.add_argument("--p-mean", type=float, help="proposal: mean of ln(sigma_d tan t)")
+            p.add_argument("--p-std", type=float, help="proposal: standard deviation of ln(sigma_d tan t)")
+            p.add_argument("--tangent-warmup", type=int, help="steps of the tangent warm-up (0: none)")
+            p.add_argument("--tangent-c", type=float, help="c of the tangent normalisation g / (||g|| + c)")
+            p.add_argument(
+                "--time-cond",
+                choices=["t", "edm", "adm"],
+                help="the network's time input: t, or EDM's c_noise of sigma_d tan t (sCD default: the teacher's)",
+            )
+            p.add_argument("--time-scale", type=float, help="network option: c_noise multiplier before the embedding")
+            p.add_argument(
+                "--adaptive-double-norm",
+                action="store_true",
+                default=None,
+                help="network option: scale-shift conditioning with pixel-normalised scale and shift",
+            )
+            p.add_argument(
+                "--no-logvar-head",
+                dest="logvar_head",
+                action="store_false",
+                default=None,
+                help="no adaptive weighting (the network's logvar head)",
+            )
+            p.add_argument(
+                "--graph",
+                action="store_true",
+                help="refused: the sCM step's torch.func.jvp is not captured in a CUDA graph",
+            )
+        if kind == "cd":
             p.add_argument("--num-scales", type=int, help="N, points of the Karras grid")
             p.add_argument("--solver", choices=["heun", "euler"], help="teacher ODE solver")
             p.add_argument("--target-ema", type=float, help="mu, EMA rate of the target network")
@@ -158,7 +206,7 @@ def register(sub) -> None:
                 help="with --resume --steps K: stretch N(k) and mu(k) over the new K (they jump); by default the "
                 "schedule keeps the K the run started with",
             )
-        if kind != "edm":
+        if kind in ("cd", "ct"):
             p.add_argument(
                 "--distance",
                 choices=["l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"],
@@ -207,7 +255,12 @@ def register(sub) -> None:
 
 
 def _flag_table(kind: str) -> dict[str, str]:
-    extra = {"cd": CD_OVERRIDES, "ct": {**CT_OVERRIDES, "ict": "ict"}}.get(kind, {})
+    extra = {
+        "cd": CD_OVERRIDES,
+        "ct": {**CT_OVERRIDES, "ict": "ict"},
+        "sct": SCM_OVERRIDES,
+        "scd": {**SCM_OVERRIDES, "teacher": "teacher"},
+    }.get(kind, {})
     return {**OVERRIDES, **extra}
 
 
@@ -231,7 +284,11 @@ def resume_config(args, data: dict) -> TrainConfig:
                 f"--resume: --{flag.replace('_', '-')} {given} differs from the run's {field} = {data.get(field)} "
                 "(config.json); drop it, or start a new --run-dir"
             )
-    if args.kind == "cd" and args.teacher is not None and Path(args.teacher).resolve() != Path(data["teacher"]):
+    if (
+        args.kind in TEACHER_COMMAND_KINDS
+        and args.teacher is not None
+        and Path(args.teacher).resolve() != Path(data["teacher"])
+    ):
         print(f"cmfast: --resume: teacher {data['teacher']} replaced by {args.teacher} (checked by SHA-256)")
         data["teacher"] = args.teacher
     if args.kind == "ct" and data.get("schedule_steps") is None:

@@ -12,20 +12,22 @@ from dataclasses import dataclass, field
 
 from ..networks import NETWORK_PRESETS
 
-KINDS = ("edm", "cd", "ct")
+KINDS = ("edm", "cd", "ct", "sct", "scd")
+SCM_KINDS = ("sct", "scd")  # continuous-time consistency models (cmfast.training.scm)
+TEACHER_KINDS = ("cd", "scd")
 SHARDING = ("ddp", "fsdp")
 LPIPS_POOLING = ("max", "avg")
 
 
 @dataclass
 class TrainConfig:
-    kind: str = "cd"  # "edm" (teacher), "cd" (consistency distillation) or "ct" (consistency training)
+    kind: str = "cd"  # "edm" (teacher), "cd"/"ct" (consistency distillation/training), "sct"/"scd" (sCM)
     network: str = (
         "ddpmpp-digits8"  # network preset (cmfast.NETWORK_PRESETS); CD students use the teacher's architecture
     )
     dataset: str | None = "digits8"  # "digits8/16/32", an image folder or an .npz file
-    teacher: str | None = None  # CD only: path of the EDM teacher checkpoint (.safetensors); absolute once run
-    teacher_sha256: str | None = None  # CD only: content hash of the teacher, so a moved teacher can be found again
+    teacher: str | None = None  # CD, sCD: path of the EDM teacher checkpoint (.safetensors); absolute once run
+    teacher_sha256: str | None = None  # CD, sCD: content hash of the teacher, so a moved teacher can be found again
 
     total_steps: int = 2000  # optimizer steps to train for
     schedule_steps: int | None = None  # CT: K of N(k), mu(k) and iCT's K'; None: total_steps (kept when a run grows)
@@ -41,9 +43,18 @@ class TrainConfig:
     xflip: bool = False  # horizontal flips (off for digits: a flipped digit is not a digit)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 uses dynamic loss scaling); master weights are fp32
 
-    # EDM teacher loss
+    # EDM teacher loss; sCM: the log-normal proposal over sigma_d tan t
     p_mean: float = -1.2
     p_std: float = 1.2
+
+    # sCM (Lu & Song 2025)
+    tangent_warmup: int = 10_000  # steps over which the tangent's second term's weight r rises from 0 to 1
+    tangent_c: float = 0.1  # c of the tangent normalisation g / (||g|| + c)
+    prior_weighting: bool = True  # weight 1 / (sigma_d tan t)
+    time_cond: str | None = None  # TrigFlow c_noise: "t", or "edm"/"adm" (EDM's); None: "t" (sCT), the teacher's (sCD)
+    time_scale: float | None = None  # network option: multiplier of c_noise before the embedding; None: the preset's
+    adaptive_double_norm: bool | None = None  # network option (pixel-normalised scale and shift); None: the preset's
+    logvar_head: bool | None = None  # network option: adaptive weighting's log-variance head; None: the preset's
 
     # Consistency losses
     distance: str | None = None  # "l2", "l1", "l2-32", "lpips", "lpips-alex", "pseudo-huber"; None: LPIPS (iCT: p.-H.)
@@ -99,8 +110,16 @@ class TrainConfig:
             raise ValueError(f"fourier_scale must be a positive finite number, got {self.fourier_scale}")
         if self.lpips_pooling not in LPIPS_POOLING:
             raise ValueError(f"lpips_pooling must be one of {LPIPS_POOLING}, got {self.lpips_pooling!r}")
-        if self.kind == "cd" and not self.teacher:
+        if self.kind in TEACHER_KINDS and not self.teacher:
             raise ValueError("consistency distillation needs a teacher checkpoint (--teacher)")
+        if self.tangent_warmup < 0 or not (math.isfinite(self.tangent_c) and self.tangent_c > 0):
+            raise ValueError("tangent_warmup must be >= 0 and tangent_c a positive finite number")
+        if self.time_cond not in (None, "t", "edm", "adm"):
+            raise ValueError(f"time_cond must be 't', 'edm' or 'adm', got {self.time_cond!r}")
+        if self.time_scale is not None and not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"time_scale must be a positive finite number, got {self.time_scale}")
+        if self.p_std <= 0:
+            raise ValueError(f"p_std must be positive, got {self.p_std}")
         if self.dataset is None:
             raise ValueError("no dataset: pass --data (digits16, an image folder or an .npz file)")
         if not all(0 <= r < 1 for r in self.ema_rates) or not 0 <= self.target_ema < 1:
@@ -150,6 +169,39 @@ def resolve_accum(batch: int, world: int, accum: int | None, micro_batch: int | 
             f"--accum {k} does not divide the per-process batch {local} (global batch {batch} over {world} processes)"
         )
     return k
+
+
+# sCM at scale: the paper's appendix hyper-parameter table (Lu & Song 2025, Table "training details" for CIFAR-10 and
+# ImageNet 64x64), as NVlabs/FastGen's sCM configs implement it for CIFAR-10 (config_sct_cifar10: batch 512,
+# P_mean -1.0, P_std 1.4, tangent warm-up 10k steps, c 0.1, dropout 0.2, 350k iterations) and the paper's ImageNet-64
+# values (P_mean -0.8, P_std 1.6). The paper's ImageNet networks are EDM2 U-Nets; here they are cmfast's ADM with the
+# sCM options (adaptive double normalisation, logvar head). sCD presets need --teacher (an EDM teacher checkpoint).
+_SCM_CIFAR = dict(
+    sample_every=1_024_000,
+    batch_size=512,
+    lr=1e-4,
+    ema_rates=(0.9999,),
+    total_steps=350_000,
+    xflip=True,
+    dropout=0.2,
+    p_mean=-1.0,
+    p_std=1.4,
+    tangent_warmup=10_000,
+    time_scale=1000.0,
+    logvar_head=True,
+)
+_SCM_IN64 = dict(
+    sample_every=1_024_000,
+    batch_size=2048,
+    lr=1e-4,
+    ema_rates=(0.9999,),
+    mixed_precision="bf16",
+    xflip=True,
+    p_mean=-0.8,
+    p_std=1.6,
+    tangent_warmup=10_000,
+    logvar_head=True,
+)
 
 
 def _paper(kind, network, dataset, **kw) -> dict:
@@ -210,11 +262,50 @@ TRAIN_PRESETS: dict[str, dict] = {
     "lsun256-ct": _paper(
         "ct", "adm-lsun256", None, distance="lpips", s0=2, s1=150, mu0=0.95, total_steps=1_000_000, **_LSUN
     ),
+    "cifar10-sct": _paper("sct", "ddpmpp-cifar10", None, **_SCM_CIFAR),
+    "imagenet64-sct": _paper(
+        "sct",
+        "adm-imagenet64",
+        None,
+        dropout=0.2,
+        total_steps=400_000,
+        time_scale=1000.0,
+        adaptive_double_norm=True,
+        **_SCM_IN64,
+    ),
+    "imagenet64-scd": _paper("scd", "adm-imagenet64", None, dropout=0.0, total_steps=400_000, **_SCM_IN64),
     # Small CPU presets on the built-in digits (8x8, the originals' size; 1 channel; labels unused).
     "digits-edm": dict(kind="edm", lr=1e-3, total_steps=4000, **_DIGITS),
     "digits-cd": dict(kind="cd", lr=2e-4, total_steps=2000, distance="l2", num_scales=18, target_ema=0.95, **_DIGITS),
     "digits-ct": dict(kind="ct", lr=4e-4, total_steps=4000, distance="l2", s0=2, s1=150, mu0=0.9, **_DIGITS),
     "digits-ict": dict(kind="ct", lr=4e-4, total_steps=4000, ict=True, **_DIGITS),
+    # sCM on the digits: the paper's sCT / sCD losses at the CD students' budget (2000 steps at batch 64). sCT learns a
+    # TrigFlow network from scratch (c_noise(t) = t, positional embedding at 1000 t, logvar head, EMA with warm-up);
+    # sCD starts from the teacher's weights with EDM's time input (TrigFlowModel noise_cond "edm": the teacher's
+    # denoiser exactly) plus a logvar head.
+    "digits-sct": dict(
+        kind="sct",
+        lr=4e-4,
+        total_steps=2000,
+        p_mean=-1.0,
+        p_std=1.4,
+        tangent_warmup=400,
+        time_scale=1000.0,
+        logvar_head=True,
+        ema_warmup=True,
+        **_DIGITS,
+    ),
+    "digits-scd": dict(
+        kind="scd",
+        teacher="digits-edm",
+        lr=2e-4,
+        total_steps=2000,
+        p_mean=-0.8,
+        p_std=1.6,
+        tangent_warmup=400,
+        logvar_head=True,
+        **_DIGITS,
+    ),
     # Coloured digits (3 channels), for colorization demos.
     "digits-rgb-edm": dict(kind="edm", lr=1e-3, total_steps=4000, **{**_DIGITS, **_RGB}),
     "digits-rgb-cd": dict(

@@ -43,17 +43,18 @@ from ..data import DataError, ImageDataset
 from ..generate import run_plan, sampling_plan
 from ..io import atomic_write_bytes, image_grid, save_png, to_uint8
 from ..networks import SongUNetConfig, build_network, config_to_dict, network_config, set_fused_ops
-from ..preconditioning import ConsistencyModel, EDMDenoiser
+from ..preconditioning import ConsistencyModel, EDMDenoiser, TrigFlowModel
 from ..sampling import generators_from_seeds, randn
 from ..streaming import open_dataset
 from . import state as ckpt
-from .config import TrainConfig
+from .config import SCM_KINDS, TEACHER_KINDS, TrainConfig
 from .distances import get_distance
 from .distributed import init_distributed, local_tensors
 from .graph_step import CapturedCDStep, captured_step_problems
 from .loader import BatchSplit, StepSampler, default_workers, make_loader, sample_seed, worker_error
 from .losses import CDLoss, CTLoss, EDMLoss
 from .schedules import ema_rate
+from .scm import SCMLoss
 from .sharding import full_state_dict, list_sharded_checkpoints, load_sharded, save_sharded, shard_model
 from .state import TrainingError
 
@@ -124,7 +125,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         if resume and not self.run_dir.is_dir():
             raise ckpt.ResumeError(f"--resume: {self.run_dir} does not exist")
-        if config.kind == "cd":
+        if config.kind in TEACHER_KINDS:
             config = pinned_teacher(config)
         if config.kind == "ct" and config.schedule_steps is None and not resume:
             config = dataclasses.replace(config, schedule_steps=config.total_steps)  # K stays fixed if the run grows
@@ -160,6 +161,10 @@ class Trainer:
             self.workers = default_workers(isinstance(self.data, ImageDataset))
         self._order = StepSampler(len(self.data), config.seed, self.split, 0, 0)
         self._build_models()
+        if graph and config.kind in SCM_KINDS:
+            raise TrainingError(
+                "--graph: the sCM step (a torch.func.jvp through the network) is not captured; train without --graph"
+            )
         self.graph = graph
         if graph and self.device.type != "cuda":
             print(f"cmfast: --graph: CUDA graphs need a CUDA device, this run is on {self.device}; training eagerly")
@@ -186,7 +191,7 @@ class Trainer:
     def _build_models(self) -> None:
         cfg, device = self.cfg, self.device
         self.teacher = None
-        if cfg.kind == "cd":
+        if cfg.kind in TEACHER_KINDS:
             self.teacher = load_model_file(cfg.teacher, device=device).eval().requires_grad_(False)
             if not isinstance(self.teacher, EDMDenoiser):
                 raise ValueError(f"{cfg.teacher}: the teacher must be an EDM denoiser checkpoint (train-edm output)")
@@ -194,11 +199,16 @@ class Trainer:
         else:
             net_config = network_config(cfg.network)
         # students use dropout 0 unless asked (the paper and the official scripts), whatever the teacher trained with
-        dropout = 0.0 if cfg.dropout is None and cfg.kind == "cd" else cfg.dropout
+        dropout = 0.0 if cfg.dropout is None and cfg.kind in TEACHER_KINDS else cfg.dropout
         if dropout is not None:
             net_config = dataclasses.replace(net_config, dropout=dropout)
+        net_config = self._scm_options(net_config)
         if cfg.fourier_scale is not None:
-            if cfg.kind == "cd" or not isinstance(net_config, SongUNetConfig) or net_config.embedding_type != "fourier":
+            if (
+                cfg.kind in TEACHER_KINDS
+                or not isinstance(net_config, SongUNetConfig)
+                or net_config.embedding_type != "fourier"
+            ):
                 raise ValueError("fourier_scale applies to NCSN++ networks (Fourier embedding) trained from scratch")
             net_config = dataclasses.replace(net_config, fourier_scale=cfg.fourier_scale)
         size = net_config.resolution
@@ -211,10 +221,18 @@ class Trainer:
         self.net_config = net_config
         torch.manual_seed(cfg.seed)  # the initial weights of CT and EDM runs
         net = build_network(net_config)
-        if self.teacher is not None:  # CD students start from the teacher's weights
-            net.load_state_dict(self.teacher.net.state_dict())
-        kind = EDMDenoiser if cfg.kind == "edm" else ConsistencyModel
-        self.online = kind(net, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data).to(device).train()
+        if self.teacher is not None:  # CD and sCD students start from the teacher's weights (the logvar head: new)
+            missing, _ = net.load_state_dict(self.teacher.net.state_dict(), strict=False)
+            if any(not k.startswith(("map_logvar.", "logvar_head.")) for k in missing):
+                raise ValueError(f"the teacher's weights do not fit the student network (missing {missing[:3]})")
+        if cfg.kind in SCM_KINDS:
+            # sCT: c_noise(t) = t; sCD: the teacher's own time input, so the student starts as the teacher's denoiser
+            time_cond = cfg.time_cond or (self.teacher.noise_cond if self.teacher is not None else "t")
+            self.online = TrigFlowModel(net, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data, noise_cond=time_cond)
+        else:
+            kind = EDMDenoiser if cfg.kind == "edm" else ConsistencyModel
+            self.online = kind(net, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data)
+        self.online = self.online.to(device).train()
         needs_target = cfg.kind == "cd" or (cfg.kind == "ct" and not cfg.ict)
         self.target = copy.deepcopy(self.online).requires_grad_(False) if needs_target else None
         self.emas = {rate: copy.deepcopy(self.online).eval().requires_grad_(False) for rate in cfg.ema_rates}
@@ -241,11 +259,39 @@ class Trainer:
         if cond and self.data.labels is None:
             raise ValueError(f"the network is class-conditional but dataset {self.data.name} has no labels")
 
+    def _scm_options(self, net_config):
+        """The network config with the run's sCM options (time_scale, adaptive_double_norm, logvar_head) applied;
+        a student initialised from a teacher keeps the teacher's layer shapes and time input."""
+        cfg = self.cfg
+        options = {
+            name: getattr(cfg, name)
+            for name in ("time_scale", "adaptive_double_norm", "logvar_head")
+            if getattr(cfg, name) is not None
+        }
+        if not options:
+            return net_config
+        if cfg.kind == "scd" and (options.get("adaptive_double_norm") or options.get("time_scale", 1.0) != 1.0):
+            raise ValueError(
+                "sCD students start from the teacher's weights: adaptive_double_norm and time_scale would change "
+                "its layers or its time input; leave them unset"
+            )
+        return dataclasses.replace(net_config, **options)
+
     def _build_loss(self):
         cfg = self.cfg
         grid = dict(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
         if cfg.kind == "edm":
             return EDMLoss(p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_data=cfg.sigma_data)
+        if cfg.kind in SCM_KINDS:
+            return SCMLoss(
+                self.teacher,
+                p_mean=cfg.p_mean,
+                p_std=cfg.p_std,
+                sigma_data=cfg.sigma_data,
+                tangent_warmup=cfg.tangent_warmup,
+                tangent_c=cfg.tangent_c,
+                prior_weighting=cfg.prior_weighting,
+            )
         name = cfg.distance or ("pseudo-huber" if cfg.kind == "ct" and cfg.ict else "lpips")
         distance = get_distance(name, avg_pooling=cfg.lpips_pooling == "avg") if "lpips" in name else name
         if cfg.kind == "cd":
@@ -504,9 +550,10 @@ class Trainer:
         state = full_state_dict(model)
         if not self.dist.is_main:
             return None
-        kind = EDMDenoiser if isinstance(model, EDMDenoiser) else ConsistencyModel
         cfg = self.cfg
-        plain = kind(build_network(self.net_config), cfg.sigma_min, cfg.sigma_max, cfg.sigma_data)
+        plain = type(model)(
+            build_network(self.net_config), cfg.sigma_min, cfg.sigma_max, cfg.sigma_data, noise_cond=model.noise_cond
+        )
         plain.load_state_dict(state)
         plain.autocast_dtype = model.autocast_dtype
         set_fused_ops(plain.net, self.fused)
