@@ -2,6 +2,7 @@
 
     python bench/quality_digits.py                  # the full run (CPU, about 30 minutes on 2 cores)
     python bench/quality_digits.py --quick          # the same pipeline with small budgets (a few minutes)
+    python bench/quality_digits.py --scm            # only the sCM students (sCT, sCD): train, evaluate at 1 and 2 steps
 
 With the project's own commands (run in-process through `cmfast.cli.main`, printed as shell lines in the report) it
 trains an EDM teacher, CD students with l2 and LPIPS, and CT with the paper's schedule and with the iCT options, all
@@ -85,6 +86,15 @@ STUDENTS = [
     Student("cd-lpips", "CD (LPIPS)", "distill", ["--preset", "digits-cd", "--distance", "lpips-alex"]),
     Student("ct", "CT (paper schedule, l2)", "train-ct", ["--preset", "digits-ct"]),
     Student("ict", "CT (iCT options)", "train-ct", ["--preset", "digits-ict"]),
+]
+
+
+# Continuous-time consistency models (Lu & Song 2025), at the CD students' budget; evaluated at the paper's 1 and 2
+# steps (sigma_max, then t_mid = 1.1), with no time-point search. `--scm` runs only these; the report takes their
+# rows from OUT/scm-results.json when it exists.
+SCM_STUDENTS = [
+    Student("sct", "sCT (TrigFlow)", "train-sct", ["--preset", "digits-sct"]),
+    Student("scd", "sCD (TrigFlow)", "distill-scd", ["--preset", "digits-scd"]),
 ]
 
 
@@ -189,6 +199,33 @@ def train(run: Runner, out: Path, budget: Budget) -> tuple[dict[str, float], str
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def scm_run(out: Path, budget: Budget, progress: bool = False) -> list[dict]:
+    """Train and evaluate the sCM students (a finished run is reused); writes OUT/scm-results.json, returns its rows.
+    sCD distils this bench's teacher (OUT/edm) when it exists, else the shipped digits-edm."""
+    run = Runner(out, progress)
+    teacher = out / "edm" / "model.safetensors"
+    rows, ev = [], out / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    common = ["--seed", SEED, "--sample-every", 0, "--steps", budget.student_steps]
+    for s in SCM_STUDENTS:
+        run_dir = out / s.name
+        args = [*s.args, *common, *(["--teacher", teacher] if s.command == "distill-scd" and teacher.is_file() else [])]
+        seconds = float("nan")
+        if not (run_dir / "model.safetensors").is_file():
+            resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
+            seconds = run(s.command, *(args if not resume else []), "--run-dir", run_dir, *resume)
+        for n in (1, 2):
+            path = ev / f"{s.name}-{n}step.json"
+            run("eval", "--model", run_dir / "model.safetensors", "--steps", n, "--num", budget.num_eval,
+                "--seed", EVAL_SEED, "--out", path)  # fmt: skip
+            rows.append({**_read(path), "label": s.label, "name": s.name, "steps": n, "train_seconds": seconds})
+    from cmfast.io import atomic_write_bytes
+
+    record = {"rows": rows, "commands": run.log, "date": datetime.date.today().isoformat(), "machine": machine()}
+    atomic_write_bytes(out / "scm-results.json", json.dumps(record, indent=2).encode())
+    return rows
 
 
 def evaluate(run: Runner, out: Path, budget: Budget) -> dict:
@@ -302,7 +339,7 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def report(results: dict, info: dict, b: Budget, doc: Path, figdir: Path) -> str:
-    rows, floor = results["rows"], results["floor"]["metrics"]["fid"]
+    rows, floor = results["rows"] + results.get("scm", []), results["floor"]["metrics"]["fid"]
     heun = {r["steps"]: r for r in rows if r["name"] == "edm"}
     ref_steps = 18 if 18 in heun else max(heun)
     ref = heun[ref_steps]["metrics"]["fid"]
@@ -466,9 +503,15 @@ def write_outputs(results: dict, info: dict, budget: Budget, out: Path, doc: Pat
     print(f"wrote {doc}, {figdir / 'fid-vs-nfe.png'} and {figdir / 'samples.png'}")
 
 
+def _with_scm(results: dict, out: Path) -> dict:
+    """The results with the sCM rows of OUT/scm-results.json, when `--scm` wrote one."""
+    path = out / "scm-results.json"
+    return {**results, "scm": _read(path)["rows"]} if path.is_file() else results
+
+
 def report_only(out: Path, doc: Path, figdir: Path) -> None:
     """Rewrite the report and figures of a finished run from OUT/results.json."""
-    saved = json.loads((out / "results.json").read_text())
+    saved = _with_scm(json.loads((out / "results.json").read_text()), out)
     info = saved.pop("info")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["budget"].items()}
     write_outputs(saved, info, Budget(**fields), out, doc, figdir)
@@ -503,7 +546,7 @@ def run(
     from cmfast.io import atomic_write_bytes
 
     atomic_write_bytes(out / "results.json", json.dumps({"info": info, **results}, indent=2).encode())
-    write_outputs(results, info, budget, out, doc, figdir)
+    write_outputs(_with_scm(results, out), info, budget, out, doc, figdir)
     return {"info": info, **results}
 
 
@@ -516,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show the commands' progress bars")
     p.add_argument("--report-only", action="store_true", help="rewrite report and figures from OUT/results.json")
+    p.add_argument(
+        "--scm", action="store_true", help="only train and evaluate the sCM students (writes OUT/scm-results.json)"
+    )
     p.add_argument("--student-steps", type=int, help="override the budget's steps of every student")
     p.add_argument("--lpips-batch", type=int, help="override the budget's CD-LPIPS batch")
     p.add_argument("--ema", help="override the budget's EMA rate (runs trained from here on)")
@@ -529,7 +575,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     budget = BUDGETS[mode]
     overrides = {k: getattr(args, k) for k in ("student_steps", "lpips_batch", "ema") if getattr(args, k) is not None}
-    if args.report_only:
+    if args.scm:
+        for r in scm_run(out, replace(budget, **overrides), args.progress):
+            print(f"{r['label']}, {r['steps']} step(s): digits FID {r['metrics']['fid']:.3f}")
+    elif args.report_only:
         report_only(out, doc, figdir)
     else:
         run(mode, out, doc, figdir, progress=args.progress, budget=replace(budget, **overrides), note=args.note)

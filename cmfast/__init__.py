@@ -4,7 +4,7 @@ from .checkpoint import CheckpointError, load, load_diffusers, load_official_che
 from .editing import colorize, denoise, edit, inpaint, interpolate, stroke_edit, super_resolve
 from .interop.accelerate import accelerate, restore
 from .networks import NETWORK_PRESETS, build_network
-from .preconditioning import ConsistencyModel, EDMDenoiser
+from .preconditioning import ConsistencyModel, EDMDenoiser, TrigFlowModel
 from .sampling import (
     generators_from_seeds,
     heun_sample,
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "ConsistencyModel",
     "EDMDenoiser",
+    "TrigFlowModel",
     "accelerate",
     "build_network",
     "colorize",

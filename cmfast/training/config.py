@@ -304,6 +304,7 @@ TRAIN_PRESETS: dict[str, dict] = {
         p_std=1.6,
         tangent_warmup=400,
         logvar_head=True,
+        ema_warmup=True,
         **_DIGITS,
     ),
     # Coloured digits (3 channels), for colorization demos.
