@@ -275,6 +275,9 @@ def _measure(preset, batch, n_classes, distance, device, v: Variant, row: dict, 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    from torch._dynamo.utils import counters  # Dynamo's counters run over the process: differences per row
+
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     if v.compile_mode:
         torch._dynamo.reset()
     step = _make_step(preset, batch, n_classes, distance, device, v)
@@ -289,11 +292,9 @@ def _measure(preset, batch, n_classes, distance, device, v: Variant, row: dict, 
     if device == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["step_peak_mib"] = step_peak_bytes(step, device) / 2**20
-    if v.compile_mode:  # proof that it compiled: Dynamo's graph count, and its graph breaks
-        from torch._dynamo.utils import counters
-
-        row["dynamo_graphs"] = counters["stats"]["unique_graphs"]
-        row["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
+    if v.compile_mode:  # proof that it compiled: the graphs Dynamo made for this row, and its graph breaks
+        row["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs
+        row["dynamo_graph_breaks"] = sum(counters["graph_break"].values()) - breaks
     return timing["ms"]
 
 
