@@ -196,6 +196,7 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
         (["sample", "--model", "ddpmpp-tiny", "--out", "garbage.pt"], "garbage.pt"),
         (["info", "garbage.pt"], "garbage.pt"),
         (["demo", "--cd-steps", "0"], "--cd-steps must be a positive integer"),
+        (["demo", "--processes", "0"], "--processes must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):

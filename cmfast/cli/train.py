@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..pipeline import CD_STEPS, TEACHER_STEPS, run_pipeline
+from ..pipeline import CD_STEPS, TEACHER_STEPS, demo_processes, run_pipeline
 from ..streaming import open_dataset, write_shards
 from ..training.config import TRAIN_PRESETS, TrainConfig, preset_config
 from ..training.trainer import Trainer
@@ -250,6 +250,13 @@ def register(sub) -> None:
     p.add_argument("--cd-steps", type=int, default=CD_STEPS, help="optimizer steps for consistency distillation")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples")
     p.add_argument("--out", default="demo", help="output directory (must not hold an earlier run)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=demo_processes(),
+        help="training processes, data parallel on the CPU (2 where there are 2+ cores and no GPU: one-thread "
+        "processes run the small digits network faster than threads do; the result is the same up to rounding)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=cmd_demo)
 
@@ -366,5 +373,15 @@ def cmd_prepare_data(args) -> None:
 def cmd_demo(args) -> None:
     positive("--teacher-steps", args.teacher_steps)
     positive("--cd-steps", args.cd_steps)
+    positive("--processes", args.processes)
     check_out_dir(args.out)
-    print(run_pipeline(args.out, args.teacher_steps, args.cd_steps, seed=args.seed, progress=not args.no_progress))
+    print(
+        run_pipeline(
+            args.out,
+            args.teacher_steps,
+            args.cd_steps,
+            seed=args.seed,
+            progress=not args.no_progress,
+            processes=args.processes,
+        )
+    )
