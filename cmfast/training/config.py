@@ -298,7 +298,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "digits-scd": dict(
         kind="scd",
         teacher="digits-edm",
-        lr=2e-4,
+        lr=5e-4,
         total_steps=2000,
         p_mean=-0.8,
         p_std=1.6,
