@@ -69,3 +69,15 @@ def test_graph_and_bad_flags_are_refused(tmp_path, capsys):
     assert "--graph" in err and "jvp" in err and len(err.strip().splitlines()) == 1
     assert main(["train-sct", "--run-dir", str(tmp_path / "p"), "--p-std", "0", *TINY]) == 2
     assert "p_std" in capsys.readouterr().err
+
+
+def test_fused_sct_trains_the_plain_runs_weights(sct_run, tmp_path):
+    """--fused: the JVP through cmfast.ops (GroupNorm+SiLU) and the TrigFlow combination through
+    cmfast.ops.trig_skip_out give the plain run's weights up to rounding."""
+    fused = tmp_path / "fused"
+    args = ["train-sct", "--run-dir", str(fused), "--steps", "3", "--tangent-warmup", "2", "--fused", *TINY]
+    assert main(args) == 0
+    plain, other = load_file(sct_run / "online.safetensors"), load_file(fused / "online.safetensors")
+    assert plain.keys() == other.keys()
+    for key in plain:
+        assert (plain[key] - other[key]).abs().max() <= 1e-4, key

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import trigflow
@@ -49,7 +50,9 @@ def scaled_tangent(
     def F_of(x, s):
         return model(x, s, labels, raw=True)
 
-    with torch.no_grad():
+    # SDPA's fused CPU/CUDA kernels have no forward mode: where attention falls back to SDPA (ADM without a fused
+    # attention kernel), its math kernel runs instead
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         F_minus, dF = torch.func.jvp(F_of, (x_t, t), (trigflow.per_sample(v) * dxt_dt, v))
     return F_minus.to(x_t.dtype), dF.to(x_t.dtype)
 

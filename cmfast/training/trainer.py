@@ -243,6 +243,8 @@ class Trainer:
         for model in (self.online, self.target):  # the models autograd and the loss run: skip/out fused as well
             if isinstance(model, ConsistencyModel):
                 model.skip_out_op = ops.skip_out if self.fused else None
+            elif isinstance(model, TrigFlowModel):
+                model.skip_out_op = ops.trig_skip_out if self.fused else None
         if self.sharded:  # the teacher stays whole on every process (see cmfast.training.sharding)
             for model in (self.online, self.target, *self.emas.values()):
                 if model is not None:
