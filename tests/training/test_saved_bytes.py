@@ -83,5 +83,6 @@ def test_the_fused_step_saves_less_than_the_eager_one(preset, autocast):
     model.skip_out_op = ops.skip_out
     fused = consistency_step_saved_bytes(model, images, sigma, labels, generator=torch.Generator().manual_seed(0))
     assert 0 < fused.activations < eager.activations
-    assert any("group_norm_silu" in name for name in fused.by_producer)  # the fused op really ran
+    # the fused op really ran: its autograd node is the op's own (an autograd.Function or the extension's op)
+    assert any("groupnormsilu" in name.lower().replace("_", "") for name in fused.by_producer)
     assert fused.weights == pytest.approx(eager.weights, rel=0.01)  # the same parameters either way
