@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .configs import ADMConfig
+from .recompute import norm_act_conv
 from .song_unet import pixel_norm
 
 QKV_LAYOUTS = ("3hd", "h3d")
@@ -87,6 +88,16 @@ def _norm_act(norm: GroupNorm32, x: Tensor, fused: bool, silu: bool = True, scal
     return F.silu(h) if silu else h
 
 
+def _norm_act_conv(norm: GroupNorm32, x: Tensor, conv: nn.Conv2d, fused: bool, scale=None, shift=None) -> Tensor:
+    """conv(_norm_act(norm, x, fused, scale=scale, shift=shift)); fused, it keeps only x for backward and recomputes
+    the norm's output there (`cmfast.networks.recompute`)."""
+    if fused and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and len(set(conv.padding)) == 1:
+        return norm_act_conv(
+            x, norm.weight, norm.bias, norm.num_groups, norm.eps, conv.weight, conv.bias, conv.padding[0], scale, shift
+        )
+    return conv(_norm_act(norm, x, fused, scale=scale, shift=shift))
+
+
 def _normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
@@ -144,18 +155,24 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Resampling sits between the input activation and the input conv, on both branches.
-        h = _resample(_norm_act(self.in_layers[0], x, self.fused), self.resample)
-        h = self.in_layers[2](h)
+        if self.resample is None:
+            h = _norm_act_conv(self.in_layers[0], x, self.in_layers[2], self.fused)
+        else:
+            h = self.in_layers[2](_resample(_norm_act(self.in_layers[0], x, self.fused), self.resample))
         x = _resample(x, self.resample)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        scale = shift = None
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             if self.double_norm:
                 scale, shift = pixel_norm(scale), pixel_norm(shift)
-            h = _norm_act(self.out_layers[0], h, self.fused, scale=scale, shift=shift)
         else:
-            h = _norm_act(self.out_layers[0], h + emb_out, self.fused)
-        h = self.out_layers[3](self.out_layers[2](h))  # dropout, conv
+            h = h + emb_out
+        dropout, conv = self.out_layers[2], self.out_layers[3]
+        if self.training and dropout.p > 0:
+            h = conv(dropout(_norm_act(self.out_layers[0], h, self.fused, scale=scale, shift=shift)))
+        else:
+            h = _norm_act_conv(self.out_layers[0], h, conv, self.fused, scale=scale, shift=shift)
         return self.skip_connection(x) + h
 
 
@@ -330,7 +347,7 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out[2](_norm_act(self.out[0], h, self.fused)).to(x.dtype)
+        return _norm_act_conv(self.out[0], h, self.out[2], self.fused).to(x.dtype)
 
 
 _BLOCK_KEY = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.([a-z_]+)\.")

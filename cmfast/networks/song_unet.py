@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .configs import SongUNetConfig
+from .recompute import norm_act_conv
 
 # Constants of EDM's DDPM++ / NCSN++ configuration (fixed there too, not exposed as options).
 SKIP_SCALE = math.sqrt(0.5)  # residual sums are scaled to keep unit variance
@@ -86,6 +87,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         logits = torch.einsum("ncq,nck->nqk", q.to(dtype), k.to(dtype)) / math.sqrt(q.shape[1])
         out = torch.einsum("nqk,nck->ncq", logits.softmax(dim=2), v.to(dtype))
     return out.to(v.dtype)
+
+
+def group_norm_silu_conv(x: Tensor, norm: GroupNorm, conv: Conv2d, fused: bool = False, scale=None, shift=None):
+    """conv(group_norm_silu(x, norm, fused, scale, shift)); fused and without resampling, only x is kept for backward
+    and the norm's output recomputed there (`cmfast.networks.recompute`)."""
+    if not fused or conv.up or conv.down or conv.weight is None:
+        return conv(group_norm_silu(x, norm, fused, scale, shift))
+    k = conv.weight.shape[-1]
+    y = norm_act_conv(x, norm.weight, norm.bias, norm.num_groups, norm.eps, conv.weight, None, k // 2, scale, shift)
+    return y + conv.bias.to(y.dtype)[:, None, None] if conv.bias is not None else y
 
 
 class Linear(nn.Module):
@@ -207,14 +218,17 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, Cin, H, W), emb: (B, emb_channels) -> (B, Cout, H', W')."""
-        h = self.conv0(group_norm_silu(x, self.norm0, self.fused))
+        h = group_norm_silu_conv(x, self.norm0, self.conv0, self.fused)
         params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        scale = shift = None
         if self.double_norm:
             scale, shift = (pixel_norm(p) for p in params.chunk(2, dim=1))
-            h = group_norm_silu(h, self.norm1, self.fused, scale, shift)
         else:
-            h = group_norm_silu(h + params, self.norm1, self.fused)
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+            h = h + params
+        if self.training and self.dropout > 0:
+            h = self.conv1(F.dropout(group_norm_silu(h, self.norm1, self.fused, scale, shift), p=self.dropout))
+        else:
+            h = group_norm_silu_conv(h, self.norm1, self.conv1, self.fused, scale, shift)
         x = (h + (self.skip(x) if self.skip is not None else x)) * SKIP_SCALE
         if self.num_heads:
             x = (self.proj(self.self_attention(self.norm2(x))) + x) * SKIP_SCALE

@@ -85,4 +85,8 @@ def test_the_fused_step_saves_less_than_the_eager_one(preset, autocast):
     assert 0 < fused.activations < eager.activations
     # the fused op really ran: its autograd node is the op's own (an autograd.Function or the extension's op)
     assert any("groupnormsilu" in name.lower().replace("_", "") for name in fused.by_producer)
-    assert fused.weights == pytest.approx(eager.weights, rel=0.01)  # the same parameters either way
+    if autocast is None:
+        assert fused.weights == pytest.approx(eager.weights, rel=0.01)  # the same parameters either way
+    else:  # the recomputing norm+conv keeps the float32 parameter itself instead of autocast's bf16 copy
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert fused.weights <= 1.5 * param_bytes
