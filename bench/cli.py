@@ -6,6 +6,9 @@ Suites:
             cmfast fused, the engine, the engine as a CUDA graph
   cd-step   one consistency-distillation training step, l2 and LPIPS: images/s and peak memory; eager AMP (NCHW and
             channels_last), torch.compile (default and max-autotune), cmfast fused eager and captured
+  scm-step  one sCM training step (sCD, sCT) with its torch.func.jvp tangent: images/s, saved bytes and peak memory;
+            unfused eager (NCHW and channels_last), cmfast's fused JVP kernels, torch.compile; it has its own options
+            (`python -m bench scm-step --help`)
   diffusers one-step sampling of one ADM model: diffusers' pipeline, accelerated by cmfast, cmfast, and compiled
   profile   kernel tables of one sampling call (engine, eager, compile): kernel count and time by category
 """
@@ -23,6 +26,7 @@ SUITES = {
     "ops": "bench.ops",
     "sampling": "bench.sampling",
     "cd-step": "bench.cd_step",
+    "scm-step": "bench.scm_step",
     "diffusers": "bench.diffusers_pipeline",
     "profile": "bench.profile_tables",
 }
@@ -38,7 +42,14 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+OWN_OPTIONS = {"scm-step"}  # suites with their own command line: `python -m bench SUITE --help`
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in OWN_OPTIONS:
+        importlib.import_module(SUITES[argv[0]]).main(argv[1:])
+        return
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__.split("\n\n", 1)[0],
