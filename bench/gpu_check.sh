@@ -33,6 +33,12 @@
 #              images/s, step peak memory and max_memory_allocated, ratios against the best eager and compile rows
 #   diffusers  the diffusers interop on CUDA: cmfast.accelerate's CUDA test (graph replay against the plain pipeline),
 #              then python -m bench diffusers for ADM-64 at batch 1 and 256 (diffusers, +cmfast, cmfast, +compile)
+#   scm-step   the sCM step: the JVP tests (tests/kernels/test_jvp.py, test_jvp_networks.py: the fused ops' forward-mode
+#              rules and whole networks' JVPs against float64, CUDA and CPU cases), then python -m bench scm-step (sCD)
+#              for DDPM++ (CIFAR-10, batch 512), then for ADM-64 (batch 64), each in its own run: unfused eager NCHW and
+#              channels_last, cmfast's fused JVP kernels, fp32 then bf16 autocast, torch.compile of the step and of the
+#              networks (default mode, compiled last, cut first by --budget-s); images/s, saved bytes per image, step
+#              peak memory, ratios against the best unfused eager row
 # Each step has its own time limit, so one slow step cannot eat the device budget, and a failing step does not stop
 # the ones after it. The machine has no network: wheels it lacks (lpips, diffusers) travel in .whl/ (carry it).
 # The last lines printed are a short table of results; the JSON results and a tarball of the logs are in $OUT.
@@ -131,6 +137,13 @@ for s in ${STEPS//,/ }; do  # in the order given
         --out "$OUT/bench-cd-fair-ddpmpp.json"
       step bench_cd_fair_adm 270 python3 -m bench cd-step --compile --models adm-imagenet64 --budget-s 200 \
         --out "$OUT/bench-cd-fair-adm.json" ;;
+    scm-step)
+      step jvp_tests 150 python3 -m pytest -v -p no:cacheprovider --tb=short -ra tests/kernels/test_jvp.py \
+        tests/kernels/test_jvp_networks.py
+      step bench_scm_ddpmpp 240 python3 -m bench scm-step --compile --network ddpmpp-cifar10 --budget-s 180 \
+        --out "$OUT/bench-scm-step-ddpmpp.json"
+      step bench_scm_adm 240 python3 -m bench scm-step --compile --network adm-imagenet64 --budget-s 180 \
+        --out "$OUT/bench-scm-step-adm.json" ;;
     diffusers)
       step diffusers_tests 60 python3 -m pytest -v -p no:cacheprovider -m cuda --tb=short -ra tests/interop
       step bench_diffusers 200 python3 -m bench diffusers --batches 256,1 --budget-s 170 \
