@@ -3,8 +3,9 @@
 The step as `cmfast distill-scd` (or `train-sct`) runs it, through cmfast.training.scm.SCMLoss: the teacher's PF-ODE
 velocity (sCD: one EDM-teacher evaluation without gradients; sCT: the data's velocity), the tangent
 cos(t) sin(t) dF^-/dt by one torch.func.jvp of the student without gradients, the student's forward with its logvar
-head, the adaptive-weighted loss, its backward, RAdam and one EMA update. Every row runs in the same process on the
-same device, with cudnn.benchmark on. Rows, per network, batch, objective and precision:
+head, the adaptive-weighted loss, its backward, RAdam and one EMA update. Every row runs on the same device in one
+run, with cudnn.benchmark on; each torch.compile row in a fresh process of its own, which Dynamo's state from earlier
+rows cannot reach. Rows, per network, batch, objective and precision:
   eager-<p>-nchw        the reference a user would run: the plain network, torch.func.jvp, eager PyTorch, NCHW;
                         attention through SDPA on unit-stride q/k/v (ADM's own attention; DDPM++'s fp32 einsum is
                         swapped for SDPA while the row runs), SDPA's math kernel inside the JVP (its fused kernels
@@ -42,10 +43,12 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import multiprocessing
 import os
 import re
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -342,7 +345,8 @@ def run(
                 eager = {p: vm[0] for p, vm in s.items()}
                 for name, v in suite_variants(device, compile, modes, eager).items():
                     if name in wanted and bool(v.compile_mode) == compiled_phase:
-                        row = measure_row(preset, b, n_classes, kind, device, name, v, reps, deadline)
+                        args = (preset, b, n_classes, kind, device, name, v, reps, deadline)
+                        row = isolated_row(*args) if v.compile_mode else measure_row(*args)
                         rows.append(row)
                         log(_line(row))
                         if on_row is not None:
@@ -354,6 +358,25 @@ def run(
 
 def _objective() -> dict:
     return dict(p_mean=P_MEAN, p_std=P_STD, tangent_r=1.0, dropout=0.0, optimizer="RAdam", ema_rates=[0.9999])
+
+
+def isolated_row(*args) -> dict:
+    """measure_row(*args) in a fresh spawned process with this one's thread count: Dynamo's caches and state from
+    earlier rows cannot reach it (in one process, after a failed trace of the JVP, a later row's compile of the
+    networks failed where it succeeds alone)."""
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            return pool.submit(_row_in_child, torch.get_num_threads(), *args).result()
+    except Exception as e:  # noqa: BLE001 (a crashed worker is a result to report)
+        preset, batch, _, kind, _, name, v = args[:7]
+        return dict(model=preset, batch=batch, kind=kind, variant=name, label=v.label, group=v.group,
+                    precision=v.precision, skipped=f"the row's process failed: {failure(e)}")  # fmt: skip
+
+
+def _row_in_child(threads: int, *args) -> dict:
+    torch.set_num_threads(threads)
+    return measure_row(*args)
 
 
 def measure_row(preset, batch, n_classes, kind, device, name, v: Variant, reps: int, deadline: float) -> dict:
@@ -386,7 +409,7 @@ def _measure(preset, batch, n_classes, kind, device, v: Variant, reps: int, row:
     from torch._dynamo.utils import counters  # Dynamo's counters run over the process: differences per row
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    unsupported = set(counters["unimplemented"])
+    unsupported = dict(counters["unimplemented"])
     if v.compile_mode:
         torch._dynamo.reset()
     step = make_step(preset, batch, n_classes, kind, device, v)
@@ -404,7 +427,8 @@ def _measure(preset, batch, n_classes, kind, device, v: Variant, reps: int, row:
     if v.compile_mode:  # proof that it compiled, and what Dynamo declined (the JVP of a compiled module)
         row["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs
         row["dynamo_graph_breaks"] = sum(counters["graph_break"].values()) - breaks
-        declined = sorted({k.splitlines()[0].strip() for k in set(counters["unimplemented"]) - unsupported})
+        new = [k for k, n in counters["unimplemented"].items() if n > unsupported.get(k, 0)]
+        declined = sorted({k.splitlines()[0].strip() for k in new})
         row["dynamo_unsupported"] = declined
         if v.compile_target == "nets":
             eager_jvp = any("functorch" in k for k in declined)

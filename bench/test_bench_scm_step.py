@@ -15,6 +15,7 @@ from bench.sampling import sdpa_attention
 from bench.scm_step import (
     Variant,
     compile_failure,
+    isolated_row,
     make_step,
     measure_row,
     parser,
@@ -235,6 +236,15 @@ def test_a_measured_row_has_every_figure(monkeypatch):
     assert row["attention"] == "sdpa (swapped in)" and row["precision"] == "fp32" and row["load_1m"] >= 0
     late = measure_row("ddpmpp-digits8", 2, 0, "scd", "cpu", "eager-fp32-nchw", Variant(), 5, time.monotonic() - 1)
     assert late["skipped"] == "the suite's time budget ran out" and "ms" not in late
+
+
+def test_an_isolated_row_comes_back_from_its_own_process():
+    v = Variant(compile_mode="default", compile_target="step")
+    past = time.monotonic() - 1  # CLOCK_MONOTONIC: the same clock in the child
+    row = isolated_row("ddpmpp-digits8", 2, 0, "scd", "cpu", "compile-default-fp32", v, 5, past)
+    assert row["skipped"] == "the suite's time budget ran out" and row["variant"] == "compile-default-fp32"
+    broken = isolated_row("no-such-net", 2, 0, "scd", "cpu", "compile-default-fp32", v, 5, 1e18)
+    assert broken["skipped"].startswith("the row's process failed: ValueError: unknown network preset")
 
 
 def _one_timing(fn, repeats):
