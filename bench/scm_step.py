@@ -266,9 +266,12 @@ def compile_failure(e: Exception) -> str:
     return " ".join(line.split())[:400]
 
 
-def _attention(network, v: Variant) -> str:
+def _attention(network, v: Variant, device: str) -> str:
     if isinstance(network_config(network), ADMConfig):
-        return "adm fused op / sdpa" if v.fused else "sdpa (adm's own)"
+        if not v.fused:
+            return "sdpa (adm's own)"
+        backend = ops.explain("attention", torch.randn(1, 3 * 64, 64, device=device), 1).backend
+        return "sdpa (no fused attention kernel here)" if backend == "torch" else f"cmfast fused op ({backend})"
     return "sdpa (swapped in)" if v.sdpa else "einsum fp32 (the network's own)"
 
 
@@ -385,7 +388,7 @@ def measure_row(preset, batch, n_classes, kind, device, name, v: Variant, reps: 
     row.update(
         precision=v.precision,
         format="channels_last" if v.channels_last else "nchw",
-        attention=_attention(preset, v),
+        attention=_attention(preset, v, device),
     )
     if time.monotonic() > deadline:
         return {**row, "skipped": "the suite's time budget ran out"}
