@@ -379,6 +379,7 @@ def isolated_row(*args) -> dict:
 
 def _row_in_child(threads: int, *args) -> dict:
     torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = True  # as in the parent (run)
     return measure_row(*args)
 
 
