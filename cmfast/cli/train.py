@@ -254,8 +254,8 @@ def register(sub) -> None:
         "--processes",
         type=int,
         default=demo_processes(),
-        help="training processes, data parallel on the CPU (2 where there are 2+ cores and no GPU: one-thread "
-        "processes run the small digits network faster than threads do; the result is the same up to rounding)",
+        help="training processes, data parallel on the CPU, each with an equal share of the threads (default 1: "
+        "on an idle machine threads are faster; the result is the same up to rounding)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=cmd_demo)
