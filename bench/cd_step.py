@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import os
 import time
 from types import SimpleNamespace
@@ -54,7 +53,7 @@ from cmfast.training.graph_step import CapturedCDStep
 from cmfast.training.losses import CDLoss
 from cmfast.training.trainer import Trainer
 
-from .common import add_rates, failure, peak_tflops, repeated_ms, select_models, step_peak_bytes
+from .common import add_rates, failure, fresh_device, peak_tflops, select_models, time_step
 from .sampling import sdpa_attention
 
 GPU_CASES = [("ddpmpp-cifar10", 512, 0), ("adm-imagenet64", 64, 1000)]  # preset, batch, classes
@@ -271,27 +270,15 @@ def _line(row: dict) -> str:
 def _measure(preset, batch, n_classes, distance, device, v: Variant, row: dict, slow: bool) -> float:
     """Times one row's step into row (first call, the repetitions, peak memory, Dynamo's graph count) and returns
     its median milliseconds."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_device(device)
     from torch._dynamo.utils import counters  # Dynamo's counters run over the process: differences per row
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     if v.compile_mode:
         torch._dynamo.reset()
     step = _make_step(preset, batch, n_classes, distance, device, v)
-    start = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    row["first_step_s"] = time.perf_counter() - start  # with compiling or capture
-    rep = dict(min_calls=1, untimed_calls=0) if slow else {}
-    timing = repeated_ms(step, device, repeats=5, rep_ms=300, **rep)
-    row.update(ms_min=timing["ms_min"], ms_max=timing["ms_max"], repeats=timing["repeats"])
-    if device == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    row["step_peak_mib"] = step_peak_bytes(step, device) / 2**20
+    timing = time_step(step, device, repeats=5, slow=slow)  # first call: with compiling or capture
+    row.update({k: v_ for k, v_ in timing.items() if k != "ms"})
     if v.compile_mode:  # proof that it compiled: the graphs Dynamo made for this row, and its graph breaks
         row["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs
         row["dynamo_graph_breaks"] = sum(counters["graph_break"].values()) - breaks

@@ -7,6 +7,7 @@ date beside the figures, and every ratio is taken against a baseline timed in th
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -123,6 +124,31 @@ def repeated_ms(
         time_ms(fn, device, rep_ms=rep_ms, min_calls=min_calls, untimed_calls=untimed_calls) for _ in range(repeats)
     ]
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
+
+
+def fresh_device(device: str) -> None:
+    """Before a row builds its models: collect garbage and, on CUDA, empty the cache and restart the peak count."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def time_step(step: Callable[[], object], device: str, repeats: int = 5, slow: bool = False) -> dict:
+    """A training step's figures: the first call's seconds (compiling, capturing), `repeats` timings (repeated_ms;
+    slow: one call per timing and no untimed call, for steps that take seconds), on CUDA the row's whole peak
+    (`peak_mem_gib`), and the peak the step adds (`step_peak_mib`, step_peak_bytes)."""
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    out = {"first_step_s": time.perf_counter() - start}
+    rep = dict(min_calls=1, untimed_calls=0) if slow else {}
+    out.update(repeated_ms(step, device, repeats=repeats, rep_ms=300, **rep))
+    if device == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["step_peak_mib"] = step_peak_bytes(step, device) / 2**20
+    return out
 
 
 def step_peak_bytes(fn: Callable[[], object], device: str) -> int:

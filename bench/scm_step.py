@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import gc
 import multiprocessing
 import os
 import re
@@ -58,7 +57,7 @@ from cmfast.preconditioning import EDMDenoiser, TrigFlowModel
 from cmfast.training.memory import saved_bytes
 from cmfast.training.scm import SCMLoss, scaled_tangent
 
-from .common import failure, machine, repeated_ms, select_models, step_peak_bytes, table, write_results
+from .common import failure, fresh_device, machine, select_models, table, time_step, write_results
 from .sampling import sdpa_attention
 
 GPU_CASES = {"ddpmpp-cifar10": 512, "adm-imagenet64": 64}  # preset: batch
@@ -406,10 +405,7 @@ def measure_row(preset, batch, n_classes, kind, device, name, v: Variant, reps: 
 def _measure(preset, batch, n_classes, kind, device, v: Variant, reps: int, row: dict) -> float:
     """Times one row's step into row (first step, repetitions, saved bytes, peak memory, Dynamo's counts) and returns
     its median milliseconds."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_device(device)
     from torch._dynamo.utils import counters  # Dynamo's counters run over the process: differences per row
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
@@ -417,17 +413,8 @@ def _measure(preset, batch, n_classes, kind, device, v: Variant, reps: int, row:
     if v.compile_mode:
         torch._dynamo.reset()
     step = make_step(preset, batch, n_classes, kind, device, v)
-    start = time.perf_counter()
-    step.run()  # with compiling
-    if device == "cuda":
-        torch.cuda.synchronize()
-    row["first_step_s"] = time.perf_counter() - start
-    rep = dict(min_calls=1, untimed_calls=0) if device == "cpu" else {}
-    timing = repeated_ms(step.run, device, repeats=reps, rep_ms=300, **rep)
-    row.update(ms_min=timing["ms_min"], ms_max=timing["ms_max"], repeats=timing["repeats"])
-    if device == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    row["step_peak_mib"] = step_peak_bytes(step.run, device) / 2**20
+    timing = time_step(step.run, device, repeats=reps, slow=device == "cpu")  # first call: with compiling
+    row.update({k: val for k, val in timing.items() if k != "ms"})
     if v.compile_mode:  # proof that it compiled, and what Dynamo declined (the JVP of a compiled module)
         row["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs
         row["dynamo_graph_breaks"] = sum(counters["graph_break"].values()) - breaks

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bench import cli, scm_step
+from bench import cli, common
 from bench.sampling import sdpa_attention
 from bench.scm_step import (
     Variant,
@@ -228,7 +228,7 @@ def test_summary_ratios_are_against_the_fastest_eager_row_of_the_same_precision(
 
 
 def test_a_measured_row_has_every_figure(monkeypatch):
-    monkeypatch.setattr(scm_step, "repeated_ms", lambda fn, device, repeats, **kw: _one_timing(fn, repeats))
+    monkeypatch.setattr(common, "repeated_ms", lambda fn, device, repeats, **kw: _one_timing(fn, repeats))
     row = measure_row("ddpmpp-digits8", 2, 0, "scd", "cpu", "eager-fp32-nchw", Variant(group="eager"), 1, 1e18)
     assert "skipped" not in row, row.get("skipped")
     assert row["ms"] > 0 and row["images_s"] == pytest.approx(2 / row["ms"] * 1e3)

@@ -1,6 +1,6 @@
 """cmfast.networks.recompute.norm_act_conv: conv2d(SiLU(GroupNorm(x))) that keeps only x for backward. Values and
 gradients against a float64 composition of PyTorch's own ops, the saved bytes against the count by hand, autocast
-against the plain fused composition, and the fallbacks (no graph, torch.func) that must not take the recomputing path."""
+against the plain fused composition, and the fallbacks (no graph, torch.func) that must not recompute."""
 
 import dataclasses
 
