@@ -44,8 +44,7 @@ class _NormActConv(torch.autograd.Function):
             y = F.conv2d(h, conv_weight, conv_bias, padding=padding)  # under autocast: in its dtype, as eager runs it
         ctx.h_dtype, ctx.conv_dtype = h.dtype, y.dtype
         ctx.save_for_backward(x, norm_weight, norm_bias, scale, shift, conv_weight)
-        ctx.has_conv_bias = conv_bias is not None
-        ctx.conv_bias_dtype = conv_bias.dtype if conv_bias is not None else None
+        ctx.conv_bias_dtype = conv_bias.dtype if conv_bias is not None else None  # None: no bias
         return y
 
     @staticmethod
@@ -61,7 +60,7 @@ class _NormActConv(torch.autograd.Function):
             groups, eps, silu = ctx.norm_args
             h = ops.group_norm_silu(leaves[0], leaves[1], leaves[2], groups, eps, leaves[3], leaves[4], silu)
         dt = ctx.conv_dtype
-        mask = [any(needs[:5]), needs[5], ctx.has_conv_bias and needs[6]]
+        mask = [any(needs[:5]), needs[5], ctx.conv_bias_dtype is not None and needs[6]]
         grad_h, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y.to(dt), h.detach().to(dt), conv_weight.to(dt), [conv_weight.shape[0]] if mask[2] else None,
             [1, 1], [ctx.padding, ctx.padding], [1, 1], False, [0, 0], 1, mask,
