@@ -37,6 +37,8 @@ OVERRIDES = {
     "micro_batch": "micro_batch",
     "sharding": "sharding",
     "lr": "lr",
+    "lr_decay": "lr_decay",
+    "ema_warmup": "ema_warmup",
     "ema": "ema_rates",
     "dropout": "dropout",
     "precision": "mixed_precision",
@@ -125,7 +127,20 @@ def register(sub) -> None:
             "digits, else the cores per process less one, 1..8)",
         )
         p.add_argument("--lr", type=float, help="RAdam learning rate")
+        p.add_argument(
+            "--lr-decay",
+            type=float,
+            help="fraction of the run at its end (0..1) over which the learning rate falls linearly towards 0 "
+            "(default 0: constant)",
+        )
         p.add_argument("--ema", type=_rates, help="online EMA rates, e.g. 0.999,0.9999")
+        p.add_argument(
+            "--ema-warmup",
+            action="store_true",
+            default=None,
+            help="online EMAs decay at min(rate, (1 + k) / (10 + k)) at step k, so a short run's average does not "
+            "keep its initial weights",
+        )
         p.add_argument("--dropout", type=float, help="override the network's dropout")
         p.add_argument("--precision", choices=["no", "bf16", "fp16"], help="mixed precision (fp32 master weights)")
         p.add_argument("--seed", type=int, help="seed of initial weights, data order and noise")

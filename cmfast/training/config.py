@@ -35,7 +35,8 @@ class TrainConfig:
     accum: int | None = None  # micro-batches per optimizer step and process (gradient accumulation); None: 1
     micro_batch: int | None = None  # per-process micro-batch; sets accum = batch_size / (processes x micro_batch)
     sharding: str = "ddp"  # with several processes: "ddp" (replicated) or "fsdp" (FSDP2: weights, EMAs, optimizer)
-    lr: float = 4e-4  # RAdam, constant (no decay, no warm-up, no weight decay)
+    lr: float = 4e-4  # RAdam (no warm-up, no weight decay); constant unless lr_decay is set
+    lr_decay: float = 0.0  # fraction of the run at its end over which lr falls linearly towards 0 (0: constant)
     ema_rates: tuple[float, ...] = (0.9999,)  # online-weight EMAs kept for evaluation
     ema_warmup: bool = False  # EMA decay min(rate, (1 + k) / (10 + k)) at step k (schedules.ema_rate)
     dropout: float | None = None  # overrides the network's dropout when set; None: the preset's (CD students: 0)
@@ -104,6 +105,10 @@ class TrainConfig:
             raise ValueError("seed, max_bad_steps and sample_every must not be negative")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the learning rate must be a positive finite number, got {self.lr}")
+        if not 0 <= self.lr_decay <= 1:
+            raise ValueError(
+                f"lr_decay is the fraction of the run that decays the learning rate: 0..1, got {self.lr_decay}"
+            )
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.fourier_scale is not None and not (math.isfinite(self.fourier_scale) and self.fourier_scale > 0):

@@ -32,6 +32,10 @@ def captured_step_problems(trainer) -> list[str]:
         problems.append(f"a captured step is one batch; this run accumulates {trainer.accum} micro-batches")
     if cfg.mixed_precision == "fp16":
         problems.append("fp16 needs dynamic loss scaling, which a graph cannot skip steps for; use --precision bf16")
+    if cfg.lr_decay:
+        problems.append(
+            f"lr_decay {cfg.lr_decay} changes the learning rate each step, which a captured update keeps fixed"
+        )
     if getattr(trainer.net_config, "dropout", 0):
         problems.append(f"dropout {trainer.net_config.dropout} needs the eager step's RNG replay; use --dropout 0")
     return problems

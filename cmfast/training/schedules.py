@@ -1,4 +1,5 @@
-"""Training schedules of consistency training: N(k) and mu(k) (Appendix C), iCT's curriculum and noise sampling.
+"""Training schedules: those of consistency training, N(k) and mu(k) (Appendix C), iCT's curriculum and noise sampling;
+the online EMAs' warm-up and the learning rate's decay.
 
 iCT is "Improved techniques for training consistency models" (Song & Dhariwal 2023). k is the training iteration
 (0-based) and K the total number of iterations. N(k) counts the points of the Karras
@@ -27,6 +28,19 @@ def ema_rate(rate: float, k: int, warmup: bool = False) -> float:
     if k < 0:
         raise ValueError(f"the training iteration k must be >= 0, got {k}")
     return min(rate, (1 + k) / (10 + k)) if warmup else rate
+
+
+def learning_rate(base: float, k: int, K: int, decay: float = 0.0) -> float:
+    """The learning rate of step k (0-based) of a K-step run whose last `decay` fraction decays it linearly: `base`
+    until step K (1 - decay), then base (K - k) / (decay K), reaching base / (decay K) at the last step k = K - 1 and 0
+    at K. decay 0 keeps it constant. Ending on small updates lets a short run's weights settle, where a constant rate
+    keeps them moving, and lets it start at a higher rate."""
+    _check_steps(k, K)
+    if not 0 <= decay <= 1:
+        raise ValueError(f"the decay fraction must lie in [0, 1], got {decay}")
+    if decay == 0:
+        return base
+    return base * max(0.0, min(1.0, (K - k) / (decay * K)))
 
 
 def ct_num_scales(k: int, K: int, s0: int, s1: int) -> int:

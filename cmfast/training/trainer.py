@@ -53,7 +53,7 @@ from .distributed import init_distributed, local_tensors
 from .graph_step import CapturedCDStep, captured_step_problems
 from .loader import BatchSplit, StepSampler, default_workers, make_loader, sample_seed, worker_error
 from .losses import CDLoss, CTLoss, EDMLoss
-from .schedules import ema_rate
+from .schedules import ema_rate, learning_rate
 from .scm import SCMLoss
 from .sharding import full_state_dict, list_sharded_checkpoints, load_sharded, save_sharded, shard_model
 from .state import TrainingError
@@ -173,8 +173,15 @@ class Trainer:
         if problems:
             raise TrainingError("--graph: " + "; ".join(problems))
         self._captured = None
-        # capturable: RAdam keeps its step count on the GPU, as a captured step needs
-        self.optimizer = torch.optim.RAdam(self.online.parameters(), lr=config.lr, capturable=self.graph)
+        # capturable: RAdam keeps its step count on the GPU, as a captured step needs. foreach: PyTorch picks the
+        # multi-tensor update on CUDA only; on CPU it halves the update's time (4-5 ms instead of 7-8 for the
+        # 1M-parameter digits network): the per-parameter loop's many small ops cost more than their arithmetic.
+        self.optimizer = torch.optim.RAdam(
+            self.online.parameters(),
+            lr=config.lr,
+            capturable=self.graph,
+            foreach=True if self.device.type == "cpu" else None,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.loss_fn = self._build_loss()
         self.step = 0  # steps done, skipped ones included: indexes the data order and the noise
@@ -391,6 +398,8 @@ class Trainer:
         global_loss = float(self.dist.mean(loss))
         ok = grads_finite and math.isfinite(global_loss)
         if ok:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg.lr, step, cfg.total_steps, cfg.lr_decay)
             self.scaler.step(self.optimizer)
             if not self._finite(params):
                 raise TrainingError(

@@ -83,6 +83,8 @@ def test_lpips_pooling_follows_the_official_code(name):
         ("lpips_pooling", "mean"),
         ("fourier_scale", 0.0),
         ("dropout", 1.0),
+        ("lr_decay", -0.1),
+        ("lr_decay", 1.5),
     ],
 )
 def test_config_refuses_bad_values(field, value):
@@ -97,6 +99,7 @@ def test_config_refuses_bad_values(field, value):
         (["--seed", "-3"], "--seed must not be negative"),
         (["--checkpoint-every", "0"], "checkpoint_every must be a positive integer"),
         (["--log-every", "0"], "log_every must be a positive integer"),
+        (["--lr-decay", "2"], "lr_decay is the fraction of the run"),
     ],
 )
 def test_cli_refuses_bad_flags_in_one_line(tmp_path, argv, message):

@@ -29,10 +29,10 @@ def _state(trainer):
 
 
 def test_problems_are_named(tmp_path, teacher):
-    config = preset_config("digits-cd", teacher=teacher, dropout=0.1, mixed_precision="fp16", **FAST)
+    config = preset_config("digits-cd", teacher=teacher, dropout=0.1, mixed_precision="fp16", lr_decay=0.5, **FAST)
     trainer = Trainer(config, tmp_path / "run", progress=False, device="cpu")
     problems = " | ".join(captured_step_problems(trainer))
-    for words in ("CUDA device", "dropout 0.1", "fp16"):
+    for words in ("CUDA device", "dropout 0.1", "fp16", "lr_decay 0.5"):
         assert words in problems
 
 

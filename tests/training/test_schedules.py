@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from cmfast.sampling import karras_sigmas
-from cmfast.training.schedules import ct_num_scales, ct_target_ema, ema_rate, ict_num_scales, lognormal_index_probs
+from cmfast.training.schedules import (
+    ct_num_scales,
+    ct_target_ema,
+    ema_rate,
+    ict_num_scales,
+    learning_rate,
+    lognormal_index_probs,
+)
 
 
 @pytest.mark.parametrize(
@@ -116,3 +123,28 @@ def test_ema_warmup_forgets_the_initial_weights_as_its_closed_form_says():
     assert ema_rate(rate, 10**6, warmup=True) == rate  # capped by the configured rate late in a run
     with pytest.raises(ValueError, match="k must be >= 0"):
         ema_rate(rate, -1, warmup=True)
+
+
+@pytest.mark.parametrize(
+    "k, K, decay, expected",
+    [
+        (0, 10, 0.0, 1.0),  # no decay: constant
+        (9, 10, 0.0, 1.0),
+        (4, 10, 0.5, 1.0),  # before the last half: the base rate
+        (5, 10, 0.5, 1.0),  # (10 - 5) / 5
+        (6, 10, 0.5, 0.8),  # (10 - 6) / 5
+        (9, 10, 0.5, 0.2),  # the last step: 1 / (0.5 * 10)
+        (0, 4, 1.0, 1.0),  # decay over the whole run: (K - k) / K
+        (3, 4, 1.0, 0.25),
+        (12, 10, 0.5, 0.0),  # past the end of the run (a run resumed beyond K without growing it)
+    ],
+)
+def test_learning_rate_hand_values(k, K, decay, expected):
+    assert learning_rate(2e-3, k, K, decay) == pytest.approx(2e-3 * expected, rel=1e-12)
+
+
+def test_learning_rate_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="decay fraction"):
+        learning_rate(1e-3, 0, 10, 1.5)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        learning_rate(1e-3, -1, 10, 0.5)

@@ -100,6 +100,29 @@ def test_resume_is_bit_exact(tmp_path, teacher, name):
     ]
 
 
+def test_learning_rate_decays_and_resumes(tmp_path):
+    """With lr_decay 1 the update of step k (0-based) of K runs at lr (K - k) / K, and a run stopped half-way and
+    resumed takes the same steps as one run straight through."""
+    cfg = edm_config(total_steps=4, lr_decay=1.0)
+    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    rates = []
+    for _ in range(4):
+        straight.train_step()
+        rates.append(straight.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([cfg.lr * f for f in (1.0, 0.75, 0.5, 0.25)], rel=1e-12)
+    torch.use_deterministic_algorithms(True)
+    try:
+        whole = Trainer(cfg, tmp_path / "whole", progress=False)
+        whole.train()
+        Trainer(cfg, tmp_path / "split", progress=False).train(stop_at=2)
+        resumed = Trainer(cfg, tmp_path / "split", resume=True, progress=False)
+        resumed.train()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_truncated_newest_checkpoint_falls_back(tmp_path, capsys):
     cfg = edm_config(checkpoint_every=2, total_steps=4, keep_checkpoints=2)
     Trainer(cfg, tmp_path, progress=False).train()
