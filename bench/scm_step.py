@@ -26,7 +26,8 @@ float32 only: the CPU's bf16 convolutions are emulated (`python -m bench cd-step
 float32 on the CI machine's CPU). <mode>: default; max-autotune with --max-autotune.
 Networks: DDPM++ (CIFAR-10) at batch 512 and ADM-64 at batch 64 on a GPU; on a CPU the digits network
 (ddpmpp-digits8) at batch 32 and adm-tiny (16x16, attention at 8x8) at batch 16. Dropout 0 in every row (the sCD
-presets'; the sCT presets' 0.2 is left out: the form torch.compile is given drops the dropout-mask replay).
+presets'; the sCT presets' 0.2 is left out: with dropout the loss replays torch's RNG state, which torch.compile
+cannot trace).
 Each row: the median of at least 5 timings after a warm-up step (each a median over repeated steps, one step per
 timing when a step outlasts 300 ms on a CPU), their minimum and maximum, images/s; the activation bytes autograd saves
 for backward per image (cmfast.training.memory.saved_bytes: each storage once, weights apart; not in the torch.compile
@@ -51,11 +52,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from cmfast import ops, trigflow
+from cmfast import ops
 from cmfast.networks import ADMConfig, build_network, network_config, set_fused_ops
 from cmfast.preconditioning import EDMDenoiser, TrigFlowModel
 from cmfast.training.memory import saved_bytes
-from cmfast.training.scm import SCMLoss, scaled_tangent
+from cmfast.training.scm import SCMLoss
 
 from .common import failure, fresh_device, machine, select_models, table, time_step, write_results
 from .sampling import sdpa_attention
@@ -147,23 +148,6 @@ def select_cases(device: str, networks: list[str] | None = None, batch: int | No
     return cases
 
 
-def scm_loss_without_rng_replay(loss_fn: SCMLoss, net: TrigFlowModel, images, labels, step: int, t, z):
-    """SCMLoss.loss_from_draws without its SharedRNG blocks, the form torch.compile is given: the replay restores
-    torch's RNG state so that dropout masks agree, which does nothing at dropout 0, and Dynamo refuses to trace
-    torch.get_rng_state. The rest is the library's own functions in the library's order
-    (test_bench_scm_step.py checks the two losses are equal)."""
-    x_t = trigflow.trigflow_noise(images, z, t)
-    dxt_dt = loss_fn.velocity(images, z, x_t, t, labels)
-    _, dF = scaled_tangent(net, x_t, t, dxt_dt, labels)
-    F, logvar = net(x_t, t, labels, raw=True, return_logvar=True)
-    F = F.to(images.dtype)
-    r = trigflow.tangent_warmup(step, loss_fn.tangent_warmup)
-    g = trigflow.scm_tangent(F.detach(), dxt_dt, x_t, dF, t, loss_fn.sigma_data, r)
-    g = trigflow.normalize_tangent(g, loss_fn.tangent_c)
-    weight = trigflow.prior_weight(t, loss_fn.sigma_data) if loss_fn.prior_weighting else None
-    return trigflow.scm_loss(F, F.detach(), g, logvar, weight)
-
-
 @dataclasses.dataclass
 class Step:
     """One row's training step and what the measurements need from it."""
@@ -221,10 +205,10 @@ def make_step(network, batch: int, n_classes: int, kind: str, device: str, v: Va
     z = z.contiguous(memory_format=fmt)
     k = TANGENT_WARMUP  # the tangent's full second term (r = 1)
     if v.compile_target == "step":
-        compiled = torch.compile(scm_loss_without_rng_replay, mode=v.compile_mode, dynamic=False, fullgraph=True)
+        compiled = torch.compile(loss_fn.loss_from_draws, mode=v.compile_mode, dynamic=False, fullgraph=True)
 
         def loss():
-            return compiled(loss_fn, online, images, labels, k, t, z).mean()
+            return compiled(online, images, labels, k, t, z).mean()
 
     else:
 

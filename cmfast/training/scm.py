@@ -20,6 +20,8 @@ their forward-mode rules.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -55,6 +57,11 @@ def scaled_tangent(
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         F_minus, dF = torch.func.jvp(F_of, (x_t, t), (trigflow.per_sample(v) * dxt_dt, v))
     return F_minus.to(x_t.dtype), dF.to(x_t.dtype)
+
+
+def dropout_active(model) -> bool:
+    """Whether a forward of `model` (a TrigFlowModel) draws dropout masks: in training mode with dropout > 0."""
+    return model.training and bool(getattr(model.net.config, "dropout", 0.0))
 
 
 class SCMLoss:
@@ -110,7 +117,9 @@ class SCMLoss:
         model = net.module if isinstance(net, DistributedDataParallel) else net
         x_t = trigflow.trigflow_noise(images, z, t)
         dxt_dt = self.velocity(images, z, x_t, t, labels)
-        rng = SharedRNG(images.device)
+        # the tangent's and the online forward's dropout masks agree by replaying torch's RNG; without active dropout
+        # there is nothing to replay (and torch.compile, which cannot trace torch.get_rng_state, can take the loss)
+        rng = SharedRNG(images.device) if dropout_active(model) else contextlib.nullcontext()
         with rng:
             _, dF = scaled_tangent(model, x_t, t, dxt_dt, labels)
         adaptive = bool(getattr(model.net.config, "logvar_head", False))

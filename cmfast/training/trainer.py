@@ -174,8 +174,8 @@ class Trainer:
             raise TrainingError("--graph: " + "; ".join(problems))
         self._captured = None
         # capturable: RAdam keeps its step count on the GPU, as a captured step needs. foreach: PyTorch picks the
-        # multi-tensor update on CUDA only; on CPU it halves the update's time (4-5 ms instead of 7-8 for the
-        # 1M-parameter digits network): the per-parameter loop's many small ops cost more than their arithmetic.
+        # multi-tensor update on CUDA only; on CPU its per-parameter loop of small ops costs more than their arithmetic
+        # for small networks (the same update, rounding aside).
         self.optimizer = torch.optim.RAdam(
             self.online.parameters(),
             lr=config.lr,

@@ -109,6 +109,25 @@ def test_dropout_is_shared_between_the_tangent_and_the_online_forward():
     assert bool((out < 1 / 64).all()) and bool((out > 0).all())
 
 
+def test_without_dropout_the_loss_does_not_replay_the_rng(monkeypatch):
+    """At dropout 0 (or in eval mode) the loss reads no RNG state, so torch.compile can trace it; with dropout it
+    does, and the masks agree (the test above)."""
+    images = _batch(seed=6)[0]
+    loss = SCMLoss(sigma_data=SD, tangent_warmup=0)
+    t, z = loss.draw(images, torch.Generator().manual_seed(6))
+    expected = loss.loss_from_draws(_model(seed=6).train(), images, None, 0, t, z)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the RNG state was read")
+
+    monkeypatch.setattr(torch, "get_rng_state", refuse)
+    got = loss.loss_from_draws(_model(seed=6).train(), images, None, 0, t, z)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    loss.loss_from_draws(_model(dropout=0.5, seed=6).eval(), images, None, 0, t, z)
+    with pytest.raises(AssertionError, match="RNG state was read"):
+        loss.loss_from_draws(_model(dropout=0.5, seed=6).train(), images, None, 0, t, z)
+
+
 def test_scd_velocity_of_a_teacher_is_its_pf_ode_in_edm_coordinates():
     # dx_t/dt in TrigFlow = d/dt [cos(t) x(sigma(t))] with EDM's dx/dsigma = (x - D) / sigma and dsigma/dt = sd sec^2 t
     torch.manual_seed(5)
