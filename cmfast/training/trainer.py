@@ -398,8 +398,9 @@ class Trainer:
         global_loss = float(self.dist.mean(loss))
         ok = grads_finite and math.isfinite(global_loss)
         if ok:
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg.lr, step, cfg.total_steps, cfg.lr_decay)
+            if cfg.lr_decay:  # otherwise the optimizer keeps the rate it was built with
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg.lr, step, cfg.total_steps, cfg.lr_decay)
             self.scaler.step(self.optimizer)
             if not self._finite(params):
                 raise TrainingError(
