@@ -1,7 +1,10 @@
 """The `cmfast` command line end to end on small presets (CPU)."""
 
+import hashlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +200,9 @@ def test_info_prints_architecture_and_parameters(trained_like, capsys):
         (["info", "garbage.pt"], "garbage.pt"),
         (["demo", "--cd-steps", "0"], "--cd-steps must be a positive integer"),
         (["demo", "--processes", "0"], "--processes must be a positive integer"),
+        (["demo", "--train-teacher", "--teacher", "digits-edm"], "give one of them"),
+        (["demo", "--teacher", "digits-cd"], "needs an EDM teacher"),
+        (["demo", "--teacher", "missing.safetensors"], "missing.safetensors"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -207,9 +213,23 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
+def test_demo_distills_the_shipped_teacher(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--cd-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("distilled teacher digits-edm into a CD student (2 steps)")
+    assert not (out / "teacher").exists() and (out / "panel.png").exists()
+    config = json.loads((out / "cd" / "config.json").read_text())
+    shipped = Path(cmfast.__file__).parent / "assets" / "digits-edm.safetensors"
+    assert config["teacher_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    rows = [line.split() for line in table.splitlines() if line.startswith(("EDM", "CD"))]
+    assert [(r[-4], r[-3]) for r in rows] == [("18", "35"), ("2", "3"), ("1", "1"), ("2", "2")]  # steps, evaluations
+
+
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--teacher-steps", "2", "--cd-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    args = ["demo", "--train-teacher", "--teacher-steps", "2", "--cd-steps", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     table = capsys.readouterr().out
     for name in ("panel.png", "teacher-heun-18step.png", "teacher-heun-2step.png", "cd-1step.png", "cd-2step.png"):
         assert (out / name).exists(), name
@@ -245,8 +265,6 @@ def test_cuda_request_without_cuda_is_one_line(capsys):
 
 
 def test_sample_writes_the_resolved_run(tmp_path):
-    import json
-
     assert (
         main(
             [

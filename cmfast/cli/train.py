@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..pipeline import CD_STEPS, TEACHER_STEPS, demo_processes, run_pipeline
+from ..pipeline import CD_STEPS, CD_STEPS_AFTER_TRAINING, SHIPPED_TEACHER, TEACHER_STEPS, demo_processes, run_pipeline
 from ..streaming import open_dataset, write_shards
 from ..training.config import TRAIN_PRESETS, TrainConfig, preset_config
 from ..training.trainer import Trainer
@@ -254,15 +254,32 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the main job: train a digits teacher, distill it, compare 1- and 2-step samples (CPU, minutes)",
-        description="The whole pipeline on the built-in digits (scikit-learn's 8x8 handwritten digits): train a small "
-        "EDM teacher, distill it into a consistency model, sample the same seeds with the teacher's Heun sampler and "
-        "the student at one and two steps, write PNG grids side by side (panel.png) and print a table of steps, "
-        "network evaluations and time. The run directories (teacher/, cd/) hold configs, logs and checkpoints.",
+        help="the main job: distill a digits teacher, compare 1- and 2-step samples with it (CPU, minutes)",
+        description="Consistency distillation on the built-in digits (scikit-learn's 8x8 handwritten digits): distill "
+        f"the shipped EDM teacher ({SHIPPED_TEACHER}, or --teacher) into a consistency model, sample the same seeds "
+        "with the teacher's Heun sampler and the student at one and two steps, write PNG grids side by side "
+        "(panel.png) and print a table of steps, network evaluations and time. --train-teacher runs the whole "
+        "pipeline: it trains a small EDM teacher first (several times as long). The run directories (cd/, and "
+        "teacher/ when trained) hold configs, logs and checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="optimizer steps for the EDM teacher")
-    p.add_argument("--cd-steps", type=int, default=CD_STEPS, help="optimizer steps for consistency distillation")
+    p.add_argument(
+        "--teacher",
+        help=f"the EDM teacher to distill: a shipped name or a model file (default {SHIPPED_TEACHER}); not with "
+        "--train-teacher",
+    )
+    p.add_argument(
+        "--train-teacher", action="store_true", help="train a digits EDM teacher first and distill it instead"
+    )
+    p.add_argument(
+        "--teacher-steps", type=int, default=TEACHER_STEPS, help="optimizer steps of the teacher (--train-teacher)"
+    )
+    p.add_argument(
+        "--cd-steps",
+        type=int,
+        help=f"optimizer steps for consistency distillation (default {CD_STEPS}; {CD_STEPS_AFTER_TRAINING} after "
+        "--train-teacher)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples")
     p.add_argument("--out", default="demo", help="output directory (must not hold an earlier run)")
     p.add_argument(
@@ -387,16 +404,20 @@ def cmd_prepare_data(args) -> None:
 
 def cmd_demo(args) -> None:
     positive("--teacher-steps", args.teacher_steps)
-    positive("--cd-steps", args.cd_steps)
+    if args.cd_steps is not None:
+        positive("--cd-steps", args.cd_steps)
     positive("--processes", args.processes)
+    if args.train_teacher and args.teacher is not None:
+        raise ValueError("--teacher names a teacher to distill, --train-teacher trains one: give one of them")
     check_out_dir(args.out)
     print(
         run_pipeline(
             args.out,
-            args.teacher_steps,
             args.cd_steps,
             seed=args.seed,
             progress=not args.no_progress,
             processes=args.processes,
+            teacher=SHIPPED_TEACHER if args.teacher is None else args.teacher,
+            teacher_steps=args.teacher_steps if args.train_teacher else 0,
         )
     )

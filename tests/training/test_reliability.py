@@ -306,4 +306,4 @@ def test_a_batch_that_cannot_fit_is_refused_in_one_line(tmp_path):
 def test_demo_refuses_an_earlier_demo(tmp_path):
     (tmp_path / "panel.png").write_bytes(b"earlier")
     with pytest.raises(ValueError, match="not empty .*remove it or pick another directory"):
-        run_pipeline(tmp_path, 1, 1, progress=False)
+        run_pipeline(tmp_path, 1, progress=False)
